@@ -1,0 +1,245 @@
+"""Files to tensors: the split matrices, the modality features, the normalised graphs (SPEC §1-§2).
+
+Nothing here ever builds a dense users x items matrix: the train matrix stays CSR and user rows are
+densified one batch at a time (`dense_rows`).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+log = logging.getLogger("diffmm")
+
+SPLITS = ("trnMat", "valMat", "tstMat")
+MODALITY_ORDER = ("image", "text", "audio")
+RELEASED_DATA_HINT = (
+    "the released TikTok/Baby/Sports files come from https://github.com/HKUDS/DiffMM (Datasets/, Sports on "
+    "the Google Drive link of its Datasets/README.md); see Datasets/README.md"
+)
+
+
+class DataError(Exception):
+    """Bad input data: the message is one sentence saying what is wrong, where, and what to do."""
+
+
+@dataclass
+class Data:
+    """One dataset in memory: binary CSR splits (float32) and float32 item features per modality."""
+
+    name: str
+    train: sp.csr_matrix
+    val: sp.csr_matrix
+    test: sp.csr_matrix
+    features: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return self.train.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.train.shape[1]
+
+    @property
+    def modalities(self) -> List[str]:
+        return list(self.features)
+
+
+class _CompatUnpickler(pickle.Unpickler):
+    """Unpickle the released matrices, which name module paths that newer scipy/numpy moved."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("scipy.sparse"):
+            module = "scipy.sparse"
+        elif module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
+            module = module.replace("numpy.core", "numpy._core", 1)
+        return super().find_class(module, name)
+
+
+def load_matrix(path: Path) -> sp.csr_matrix:
+    """Load one pickled split as a binary float32 CSR matrix (any stored non-zero = interacted)."""
+    if not path.is_file():
+        raise DataError(f"missing file {path}: {RELEASED_DATA_HINT}.")
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matrix = _CompatUnpickler(f).load()
+    except Exception as e:  # any unpickling failure means the file is not what we expect
+        raise DataError(f"cannot read {path} as a pickled scipy.sparse matrix ({type(e).__name__}: {e}); "
+                        f"re-download it ({RELEASED_DATA_HINT}).") from None
+    if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)) or np.ndim(matrix) != 2:
+        raise DataError(f"{path} holds a {type(matrix).__name__}, not a 2-D users x items matrix; "
+                        f"it should be a pickled scipy.sparse matrix.")
+    matrix = sp.csr_matrix(matrix)
+    matrix.sum_duplicates()
+    matrix = (matrix != 0).astype(np.float32)
+    matrix.eliminate_zeros()
+    return matrix.tocsr()
+
+
+def feature_files(folder: Path) -> Dict[str, Path]:
+    """Map modality name -> feature file for every `<name>_feat.npy` or `<name>_feat.npy.zip` present."""
+    found: Dict[str, Path] = {}
+    for path in sorted(folder.glob("*_feat.npy*")):
+        if path.name.endswith("_feat.npy"):
+            name = path.name[: -len("_feat.npy")]
+        elif path.name.endswith("_feat.npy.zip"):
+            name = path.name[: -len("_feat.npy.zip")]
+        else:
+            continue
+        if name not in found or path.suffix == ".npy":  # prefer the unzipped copy
+            found[name] = path
+    return dict(sorted(found.items(), key=lambda kv: modality_rank(kv[0])))
+
+
+def modality_rank(name: str) -> tuple:
+    """Fixed order: image, text, audio, then any other modality alphabetically."""
+    return (MODALITY_ORDER.index(name), "") if name in MODALITY_ORDER else (len(MODALITY_ORDER), name)
+
+
+def load_features(path: Path, n_items: int) -> np.ndarray:
+    """Load an I x d_m feature array (plain or zipped .npy) as float32, checking shape and values."""
+    try:
+        if path.suffix == ".zip":
+            with zipfile.ZipFile(path) as zf:
+                members = [m for m in zf.namelist() if m.endswith(".npy") and not m.startswith("__MACOSX")]
+                if not members:
+                    raise ValueError("the archive holds no .npy file")
+                array = np.load(io.BytesIO(zf.read(members[0])), allow_pickle=False)
+        else:
+            array = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"cannot read {path} as a .npy array ({type(e).__name__}: {e}); "
+                        f"re-download or re-export it.") from None
+    if array.ndim != 2:
+        raise DataError(f"{path} has shape {array.shape}, but a feature file must be 2-D (items x dimensions).")
+    if array.shape[0] != n_items:
+        raise DataError(f"{path} has {array.shape[0]} rows, but the train matrix has {n_items} items; "
+                        f"row i must hold the features of item i.")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).any(axis=1).sum())
+        raise DataError(f"{path} holds non-finite values (NaN or inf) in {bad} rows; clean or impute them.")
+    return array
+
+
+def available_datasets(data_dir: Path) -> List[str]:
+    return sorted(p.name for p in data_dir.glob("*") if (p / "trnMat.pkl").is_file())
+
+
+def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = None) -> Data:
+    """Read `<data_dir>/<name>/`: the three splits and the feature file of every chosen modality."""
+    folder = data_dir / name
+    if not folder.is_dir():
+        found = ", ".join(available_datasets(data_dir)) or "none"
+        raise DataError(f"unknown dataset {name!r}: there is no folder {folder} (datasets found in {data_dir}: "
+                        f"{found}); {RELEASED_DATA_HINT}.")
+    train, val, test = (load_matrix(folder / f"{split}.pkl") for split in SPLITS)
+    for split, matrix in (("valMat", val), ("tstMat", test)):
+        if matrix.shape != train.shape:
+            raise DataError(f"{folder / (split + '.pkl')} has shape {matrix.shape} but trnMat.pkl has "
+                            f"{train.shape}; all three splits must be users x items of the same size.")
+    if test.nnz == 0:
+        raise DataError(f"{folder / 'tstMat.pkl'} holds no interaction, so there is nothing to evaluate on.")
+
+    files = feature_files(folder)
+    if modalities:
+        missing = [m for m in modalities if m not in files]
+        if missing:
+            raise DataError(f"no feature file for modality {', '.join(missing)} in {folder} (found: "
+                            f"{', '.join(files) or 'none'}); expected <modality>_feat.npy or .npy.zip.")
+        files = {m: files[m] for m in sorted(modalities, key=modality_rank)}
+    if not files:
+        raise DataError(f"no feature file in {folder}: DiffMM needs at least one <modality>_feat.npy "
+                        f"(image_feat.npy, text_feat.npy, audio_feat.npy); {RELEASED_DATA_HINT}.")
+    features = {m: load_features(path, train.shape[1]) for m, path in files.items()}
+    return Data(name=name, train=train, val=val, test=test, features=features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphs (SPEC §2)
+# ---------------------------------------------------------------------------------------------
+
+def normalized_graph(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    """Â = D^-1/2 (A + I) D^-1/2 with A = [[0, R], [Rᵀ, 0]] and R the binary U x I matrix of the edges.
+
+    Duplicate edges count once. Returned as a symmetric (U+I) x (U+I) float32 CSR matrix.
+    """
+    n = n_users + n_items
+    r = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, items)), shape=(n_users, n_items))
+    r.sum_duplicates()
+    r.data[:] = 1.0
+    a = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32) + sp.identity(n, np.float32, "csr")
+    degree = np.asarray(a.sum(axis=1)).ravel()
+    with np.errstate(divide="ignore"):
+        d_inv_sqrt = np.where(degree > 0, degree ** -0.5, 0.0).astype(np.float32)
+    d = sp.diags(d_inv_sqrt)
+    return (d @ a @ d).tocsr().astype(np.float32)
+
+
+def train_graph(train: sp.csr_matrix) -> sp.csr_matrix:
+    """`adj` of SPEC §2: the normalised graph of the train matrix."""
+    coo = train.tocoo()
+    return normalized_graph(coo.row, coo.col, *train.shape)
+
+
+def to_torch_csr(matrix: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    """A scipy CSR matrix as a torch sparse CSR tensor (float32, int64 indices) on `device`."""
+    matrix = matrix.tocsr()
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64)),
+        torch.from_numpy(matrix.indices.astype(np.int64)),
+        torch.from_numpy(matrix.data.astype(np.float32)),
+        size=matrix.shape, device=device, check_invariants=False,
+    )
+
+
+def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Rows of a CSR matrix as a dense float32 tensor (the only place user rows are densified)."""
+    return torch.from_numpy(matrix[rows].toarray().astype(np.float32, copy=False)).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pairs and negatives (SPEC §6.3)
+# ---------------------------------------------------------------------------------------------
+
+def train_pairs(train: sp.csr_matrix) -> tuple:
+    """(users, items) of every train interaction, in row-major order."""
+    coo = train.tocoo()
+    order = np.lexsort((coo.col, coo.row))
+    return coo.row[order].astype(np.int64), coo.col[order].astype(np.int64)
+
+
+def sample_negatives(train: sp.csr_matrix, users: np.ndarray, rng: np.random.Generator,
+                     max_rounds: int = 1000) -> np.ndarray:
+    """One negative per pair, uniform over the items the user has not interacted with in train.
+
+    Rejection sampling done for all pairs at once: draw, find the draws that hit a train item (a
+    binary search in the sorted user*I+item keys), redraw only those, until none is left.
+    """
+    n_items = train.shape[1]
+    coo = train.tocoo()
+    keys = np.sort(coo.row.astype(np.int64) * n_items + coo.col)
+    negatives = rng.integers(0, n_items, size=len(users))
+    todo = np.arange(len(users))
+    for _ in range(max_rounds):
+        query = users[todo] * n_items + negatives[todo]
+        pos = np.searchsorted(keys, query)
+        hit = keys[np.minimum(pos, len(keys) - 1)] == query
+        todo = todo[hit]
+        if len(todo) == 0:
+            return negatives
+        negatives[todo] = rng.integers(0, n_items, size=len(todo))
+    full = np.unique(users[todo])
+    raise DataError(f"cannot sample a negative item for users {full[:5].tolist()}: they interacted with "
+                    f"(nearly) every item in the train matrix.")

@@ -1,0 +1,324 @@
+"""The DiffMM run: load the data, train (denoisers, graph rebuild, recommender), evaluate, report.
+
+    python Main.py                                   # generated data, under 2 minutes on a laptop CPU
+    python Main.py --data tiktok --reg 1e-4 --ssl_reg 1e-2 --epoch 50 --trans 1 --e_loss 0.1 --cl_method 1
+
+One epoch (SPEC §6): 1. train every modality's denoiser, 2. regenerate every modality graph,
+3. resample negatives and train the recommender, 4. evaluate on validation and test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm import tqdm
+
+from DataHandler import (Data, DataError, dense_rows, load_data, normalized_graph, sample_negatives,
+                         to_torch_csr, train_graph, train_pairs)
+from Model import Denoiser, GaussianDiffusion, Recommender, bpr_loss, contrastive_loss
+from Params import parse_args
+from Utils.helpers import (PhaseTimer, UsageError, device_name, make_run_dir, package_versions,
+                           resolve_device, seed_everything, setup_logging)
+from Utils.metrics import evaluate, popularity_scores
+from Utils.synthetic import write_synthetic
+
+log = logging.getLogger("diffmm")
+PHASES = ("denoiser", "rebuild", "negatives", "recommender", "evaluation")
+
+
+@dataclass
+class Trainer:
+    """Everything one run trains: the recommender, one denoiser per modality, their optimisers."""
+
+    args: argparse.Namespace
+    data: Data
+    device: torch.device
+    adj: torch.Tensor
+    model: Recommender
+    denoisers: torch.nn.ModuleDict
+    diffusion: GaussianDiffusion
+    optimizer: torch.optim.Optimizer
+    denoiser_optimizers: Dict[str, torch.optim.Optimizer]
+    rng: np.random.Generator
+
+    def autocast(self):
+        """bf16 autocast of the matrix products when asked for (CPU AMX or CUDA tensor cores)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
+
+    def progress(self, iterable, desc: str):
+        return tqdm(iterable, desc=desc, leave=False, disable=self.args.quiet, dynamic_ncols=True)
+
+
+def build_trainer(args: argparse.Namespace, data: Data, device: torch.device) -> Trainer:
+    seed_everything(args.seed)
+    features = {m: torch.from_numpy(f) for m, f in data.features.items()}
+    model = Recommender(data.n_users, data.n_items, features, args.latdim, args.gnn_layer, args.trans,
+                        args.ris_lambda, args.ris_adj_lambda).to(device)
+    denoisers = torch.nn.ModuleDict({
+        m: Denoiser(data.n_items, args.dims, args.d_emb_size, args.norm) for m in data.modalities
+    }).to(device)
+    return Trainer(
+        args=args, data=data, device=device, adj=to_torch_csr(train_graph(data.train), device), model=model,
+        denoisers=denoisers,
+        diffusion=GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device),
+        optimizer=torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0),
+        denoiser_optimizers={m: torch.optim.Adam(d.parameters(), lr=args.lr, weight_decay=0)
+                             for m, d in denoisers.items()},
+        rng=np.random.default_rng(args.seed),
+    )
+
+
+def user_batches(n: int, batch: int, shuffle: bool) -> List[np.ndarray]:
+    """Index batches of size `batch` over range(n), shuffled with torch's seeded generator when asked."""
+    order = torch.randperm(n).numpy() if shuffle else np.arange(n)
+    return [order[i:i + batch] for i in range(0, n, batch)]
+
+
+def train_denoisers(tr: Trainer) -> Dict[str, float]:
+    """SPEC §6.1: one pass of every denoiser over all users; returns the mean loss per modality."""
+    args, diffusion = tr.args, tr.diffusion
+    tr.denoisers.train()
+    with torch.no_grad():  # the recommender's tables are read, not trained, here
+        modal_feats = tr.model.modal_features()
+        item_emb = tr.model.item_emb.detach()
+    totals = {m: torch.zeros((), device=tr.device) for m in tr.data.modalities}
+    batches = user_batches(tr.data.n_users, args.batch, True)
+    for rows in tr.progress(batches, "denoisers"):
+        x0 = dense_rows(tr.data.train, rows, tr.device)
+        loss = 0.0
+        for m, denoiser in tr.denoisers.items():
+            tr.denoiser_optimizers[m].zero_grad(set_to_none=True)
+            with tr.autocast():
+                elbo, msi = diffusion.training_losses(denoiser, x0, item_emb, modal_feats[m])
+            loss_m = elbo.mean() + args.e_loss * msi.mean()
+            totals[m] += loss_m.detach()
+            loss = loss + loss_m
+        loss.backward()
+        for opt in tr.denoiser_optimizers.values():
+            opt.step()
+    return {m: float(v) / len(batches) for m, v in totals.items()}
+
+
+def drop_edges(graph: sp.csr_matrix, keep_rate: float, rng: np.random.Generator) -> sp.csr_matrix:
+    """Keep each stored entry (self-loops included) with probability keep_rate, scaling kept ones by 1/keep_rate."""
+    if keep_rate >= 1.0:
+        return graph
+    coo = graph.tocoo()
+    keep = rng.random(coo.nnz) < keep_rate
+    return sp.csr_matrix((coo.data[keep] / keep_rate, (coo.row[keep], coo.col[keep])), shape=graph.shape)
+
+
+@torch.no_grad()
+def generate_top_items(tr: Trainer, denoiser: Denoiser) -> torch.Tensor:
+    """SPEC §5 sampling: the top rebuild_k items of every user's denoised train row (U x k indices)."""
+    denoiser.eval()
+    tops = []
+    for rows in tr.progress(user_batches(tr.data.n_users, tr.args.batch, False), "rebuild"):
+        x0 = dense_rows(tr.data.train, rows, tr.device)
+        with tr.autocast():
+            denoised = tr.diffusion.p_sample(denoiser, x0, tr.args.sampling_steps, tr.args.sampling_noise)
+        tops.append(torch.topk(denoised, tr.args.rebuild_k, dim=1).indices)
+    denoiser.train()
+    return torch.cat(tops)
+
+
+def rebuild_graphs(tr: Trainer) -> Dict[str, Dict[str, torch.Tensor]]:
+    """SPEC §6.2: every modality graph Âm from its denoiser, normalised, then edge-dropped.
+
+    Returns, per modality, the dropped graph (used in training) and the full one (for --eval_graph full).
+    """
+    n_users, n_items = tr.data.n_users, tr.data.n_items
+    graphs = {}
+    for m, denoiser in tr.denoisers.items():
+        top = generate_top_items(tr, denoiser).cpu().numpy()
+        users = np.repeat(np.arange(n_users), top.shape[1])
+        full = normalized_graph(users, top.ravel(), n_users, n_items)
+        graphs[m] = {"full": full, "dropped": drop_edges(full, tr.args.keepRate, tr.rng)}
+    return {m: {k: to_torch_csr(g, tr.device) for k, g in pair.items()} for m, pair in graphs.items()}
+
+
+def train_recommender(tr: Trainer, modal_graphs: Dict[str, torch.Tensor], pairs: tuple,
+                      negatives: np.ndarray) -> Dict[str, float]:
+    """SPEC §4 and §6.3: BPR + reg + contrastive loss over shuffled batches of (user, pos, neg)."""
+    args = tr.args
+    users = torch.from_numpy(pairs[0]).to(tr.device)
+    positives = torch.from_numpy(pairs[1]).to(tr.device)
+    negatives = torch.from_numpy(negatives).to(tr.device)
+    with_views = args.ssl_reg != 0
+    tr.model.train()
+    totals = torch.zeros(3, device=tr.device)
+    batches = user_batches(len(users), args.batch, True)
+    for rows in tr.progress(batches, "recommender"):
+        idx = torch.from_numpy(rows).to(tr.device)
+        u, p, n = users[idx], positives[idx], negatives[idx]
+        tr.optimizer.zero_grad(set_to_none=True)
+        with tr.autocast():
+            user_vec, item_vec, views = tr.model(tr.adj, modal_graphs, with_views=with_views)
+        user_vec, item_vec = user_vec.float(), item_vec.float()
+        bpr = bpr_loss(user_vec, item_vec, u, p, n, args.batch)
+        reg = args.reg * tr.model.reg_loss()
+        cl = (args.ssl_reg * contrastive_loss(user_vec, item_vec, [(a.float(), b.float()) for a, b in views],
+                                              u, p, args.cl_method, args.temp)
+              if with_views else torch.zeros((), device=tr.device))
+        (bpr + reg + cl).backward()
+        tr.optimizer.step()
+        totals += torch.stack([bpr.detach(), reg.detach(), cl.detach()])
+    bpr, reg, cl = (totals / len(batches)).tolist()
+    return {"bpr": bpr, "reg": reg, "cl": cl, "loss": bpr + reg + cl}
+
+
+@torch.no_grad()
+def evaluate_epoch(tr: Trainer, modal_graphs: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+    """SPEC §7: all-rank metrics on validation and test from one forward pass."""
+    tr.model.eval()
+    with tr.autocast():
+        user_vec, item_vec, _ = tr.model(tr.adj, modal_graphs)
+    return {split: evaluate(user_vec, item_vec, tr.data.train, heldout, tr.args.topks, tr.args.tstBat)
+            for split, heldout in (("val", tr.data.val), ("test", tr.data.test))}
+
+
+def load_run_data(args: argparse.Namespace) -> Data:
+    data_dir = Path(args.data_dir)
+    if args.data == "synthetic" and not (data_dir / "synthetic" / "trnMat.pkl").is_file():
+        log.info(f"writing the generated dataset to {data_dir / 'synthetic'} (generated, not real data)")
+        write_synthetic(data_dir / "synthetic")
+    data = load_data(args.data, data_dir, args.modalities)
+    if args.rebuild_k > data.n_items:
+        raise UsageError(f"--rebuild_k {args.rebuild_k} exceeds the {data.n_items} items of {args.data}.")
+    return data
+
+
+def fmt(metrics: Dict[str, float], k: int) -> str:
+    return " ".join(f"{name}@{k}={metrics[f'{name}@{k}']:.4f}" for name in ("Recall", "NDCG", "Precision"))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and evaluate one configuration; write the run folder; return the summary."""
+    device = resolve_device(args.device, args.gpu)
+    data = load_run_data(args)
+    run_dir = make_run_dir(args.out_dir, args.data)
+    setup_logging(run_dir, args.quiet)
+    log.info("configuration: " + json.dumps(vars(args), sort_keys=True))
+    log.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train / "
+             f"{data.val.nnz} val / {data.test.nnz} test interactions; modalities "
+             f"{', '.join(f'{m} ({f.shape[1]}-d)' for m, f in data.features.items())}; device {device_name(device)}")
+
+    tr = build_trainer(args, data, device)
+    pairs = train_pairs(data.train)
+    k = args.topk
+    popularity = {split: evaluate(*popularity_scores(data.train, device), data.train, heldout, args.topks, args.tstBat)
+                  for split, heldout in (("val", data.val), ("test", data.test))}
+    log.info(f"popularity baseline, test: {fmt(popularity['test'], k)}")
+
+    history, best = [], {"paper": None, "validation": None}
+    stale = 0
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    for epoch in range(args.epoch):
+        timer = PhaseTimer(device)
+        with timer.phase("denoiser"):
+            denoiser_loss = train_denoisers(tr)
+        with timer.phase("rebuild"):
+            graphs = rebuild_graphs(tr)
+        with timer.phase("negatives"):
+            negatives = sample_negatives(data.train, pairs[0], tr.rng)
+        with timer.phase("recommender"):
+            losses = train_recommender(tr, {m: g["dropped"] for m, g in graphs.items()}, pairs, negatives)
+        record = {"epoch": epoch, "loss": losses, "denoiser_loss": denoiser_loss}
+        if epoch % args.tstEpoch == 0 or epoch == args.epoch - 1:
+            with timer.phase("evaluation"):
+                record.update(evaluate_epoch(tr, {m: g[args.eval_graph] for m, g in graphs.items()}))
+        record["seconds"] = dict(timer.seconds, epoch=sum(timer.seconds.values()))
+        history.append(record)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+        line = f"epoch {epoch}/{args.epoch}: loss {losses['loss']:.4f} (bpr {losses['bpr']:.4f}, cl {losses['cl']:.4f})"
+        line += f", {record['seconds']['epoch']:.1f}s"
+        if "test" in record:
+            line += f" | val {fmt(record['val'], k)} | test {fmt(record['test'], k)}"
+            if best["paper"] is None or record["test"][f"Recall@{k}"] > best["paper"]["test"][f"Recall@{k}"]:
+                best["paper"] = record
+            if best["validation"] is None or record["val"][f"Recall@{k}"] > best["validation"]["val"][f"Recall@{k}"]:
+                best["validation"], stale = record, 0
+                if args.save_model:
+                    save_checkpoint(tr, run_dir / "best_model.pt", epoch)
+            else:
+                stale += 1
+        log.info(line)
+        if args.patience and stale >= args.patience:
+            log.info(f"early stop: validation Recall@{k} did not improve for {args.patience} evaluations")
+            break
+    metrics_file.close()
+
+    summary = make_summary(args, data, device, history, best, popularity)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    report(summary, run_dir)
+    return summary
+
+
+def save_checkpoint(tr: Trainer, path: Path, epoch: int) -> None:
+    torch.save({"epoch": epoch, "config": vars(tr.args), "recommender": tr.model.state_dict(),
+                "denoisers": tr.denoisers.state_dict()}, path)
+
+
+def make_summary(args: argparse.Namespace, data: Data, device: torch.device, history: List[dict], best: dict,
+                 popularity: dict) -> dict:
+    phases = {p: [h["seconds"].get(p, 0.0) for h in history] for p in PHASES + ("epoch",)}
+    evaluated = [h for h in history if "test" in h]
+    return {
+        "data": {"name": data.name, "users": data.n_users, "items": data.n_items, "train": int(data.train.nnz),
+                 "val": int(data.val.nnz), "test": int(data.test.nnz), "modalities": data.modalities},
+        "protocols": {
+            "paper": {"description": "epoch with the best test Recall (the authors' protocol)",
+                      "epoch": best["paper"]["epoch"], "test": best["paper"]["test"], "val": best["paper"]["val"]},
+            "validation": {"description": "epoch with the best validation Recall; test reported at that epoch",
+                           "epoch": best["validation"]["epoch"], "val": best["validation"]["val"],
+                           "test": best["validation"]["test"]},
+        },
+        "baselines": {"popularity": popularity},
+        "epochs_run": len(history),
+        "evaluations": len(evaluated),
+        "config": vars(args),
+        "timing": {"seconds_per_epoch_mean": float(np.mean(phases["epoch"])),
+                   "seconds_per_phase_mean": {p: float(np.mean(v)) for p, v in phases.items() if p != "epoch"},
+                   "per_epoch": [h["seconds"] for h in history],
+                   "total": float(np.sum(phases["epoch"]))},
+        "device": device_name(device),
+        "versions": package_versions(),
+    }
+
+
+def report(summary: dict, run_dir: Path) -> None:
+    k = summary["config"]["topk"]
+    paper, val = summary["protocols"]["paper"], summary["protocols"]["validation"]
+    pop = summary["baselines"]["popularity"]["test"]
+    log.info(f"paper protocol      (best test epoch {paper['epoch']}): test {fmt(paper['test'], k)}")
+    log.info(f"validation protocol (best val epoch {val['epoch']}): test {fmt(val['test'], k)}")
+    log.info(f"popularity baseline: test {fmt(pop, k)}")
+    log.info(f"DiffMM test Recall@{k} {val['test'][f'Recall@{k}']:.4f} vs popularity {pop[f'Recall@{k}']:.4f} "
+             f"(validation protocol); {summary['timing']['seconds_per_epoch_mean']:.2f}s per epoch; "
+             f"run folder {run_dir}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging(None, args.quiet)
+    try:
+        run(args)
+    except (DataError, UsageError) as e:
+        log.error(f"error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

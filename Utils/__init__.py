@@ -1,0 +1,1 @@
+"""Small helpers of the DiffMM run: metrics, logging and device set-up, generated data, benchmark."""

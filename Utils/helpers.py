@@ -1,0 +1,92 @@
+"""Run set-up: the device, seeding, the run folder and its log, package versions, phase timing."""
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import scipy
+import torch
+
+log = logging.getLogger("diffmm")
+
+
+class UsageError(Exception):
+    """A command-line or environment problem: the message is one sentence saying what to do."""
+
+
+def resolve_device(name: str, gpu: str = "0") -> torch.device:
+    """'auto' is CUDA when present, else CPU; asking for CUDA without one is an error, not a fallback."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto.")
+        return torch.device(f"cuda:{gpu}" if gpu.isdigit() else "cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy's legacy generator and torch; make cuDNN deterministic (no benchmarking)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def make_run_dir(out_dir: Optional[str], data: str) -> Path:
+    """Create the run folder; refuse a folder that already holds files so nothing is overwritten."""
+    path = Path(out_dir) if out_dir else Path("runs") / f"{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"the output folder {path} already exists and is not empty; pass another --out_dir "
+                         f"(nothing there is overwritten).")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def setup_logging(run_dir: Optional[Path], quiet: bool = False) -> None:
+    """Log to the console and, when a run folder is given, to `run_dir/log.txt`."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if run_dir is not None:
+        file = logging.FileHandler(run_dir / "log.txt")
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(file)
+
+
+def package_versions() -> Dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase; synchronises CUDA once at each phase end, never per element."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: Dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

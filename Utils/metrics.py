@@ -1,0 +1,72 @@
+"""All-rank top-K evaluation (SPEC §7): Recall, Precision and NDCG per user, batched on the device."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from DataHandler import dense_rows
+
+METRICS = ("Recall", "NDCG", "Precision")
+
+
+def evaluated_users(heldout: sp.csr_matrix) -> np.ndarray:
+    """Users with at least one held-out item (the only ones averaged over)."""
+    return np.flatnonzero(np.diff(heldout.indptr) > 0)
+
+
+def hit_metrics(hits: torch.Tensor, n_heldout: torch.Tensor, topks: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """Per-user metrics from the hit matrix (users x max K, 1 where the ranked item is held out).
+
+    Recall@K = hits/|held-out|, Precision@K = hits/K,
+    NDCG@K = Σ_hits 1/log2(rank+2) / Σ_{r < min(|held-out|, K)} 1/log2(r+2).
+    """
+    discount = 1.0 / torch.log2(torch.arange(hits.shape[1], device=hits.device, dtype=torch.float32) + 2.0)
+    ideal = torch.cumsum(discount, 0)
+    out = {}
+    for k in topks:
+        top_hits = hits[:, :k]
+        n_hits = top_hits.sum(1)
+        out[f"Recall@{k}"] = n_hits / n_heldout
+        out[f"Precision@{k}"] = n_hits / k
+        out[f"NDCG@{k}"] = (top_hits * discount[:k]).sum(1) / ideal[(n_heldout.clamp(max=k) - 1).long()]
+    return out
+
+
+@torch.no_grad()
+def per_user_metrics(user_vec: torch.Tensor, item_vec: torch.Tensor, train: sp.csr_matrix,
+                     heldout: sp.csr_matrix, topks: Sequence[int], batch: int
+                     ) -> tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """Score every item for every evaluated user, exclude train items, rank, and compute metrics.
+
+    Returns the evaluated users and, per metric name ('Recall@20', ...), one value per such user.
+    """
+    users = evaluated_users(heldout)
+    device, k_max = user_vec.device, max(topks)
+    k_max = min(k_max, item_vec.shape[0])
+    chunks: Dict[str, list] = {}
+    for start in range(0, len(users), batch):
+        rows = users[start:start + batch]
+        scores = user_vec[torch.from_numpy(rows).to(device)].float() @ item_vec.float().T
+        scores = scores.masked_fill(dense_rows(train, rows, device) > 0, float("-inf"))
+        top = torch.topk(scores, k_max, dim=1).indices
+        truth = dense_rows(heldout, rows, device)
+        hits = torch.gather(truth, 1, top)
+        for name, value in hit_metrics(hits, truth.sum(1), topks).items():
+            chunks.setdefault(name, []).append(value)
+    return users, {name: torch.cat(values).cpu().numpy() for name, values in chunks.items()}
+
+
+def evaluate(user_vec: torch.Tensor, item_vec: torch.Tensor, train: sp.csr_matrix, heldout: sp.csr_matrix,
+             topks: Sequence[int], batch: int) -> Dict[str, float]:
+    """Mean of every metric over the users that have at least one held-out item."""
+    _, values = per_user_metrics(user_vec, item_vec, train, heldout, topks, batch)
+    return {name: float(v.mean()) for name, v in values.items()}
+
+
+def popularity_scores(train: sp.csr_matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user, item) vectors whose dot product ranks items by their number of train interactions."""
+    counts = np.asarray(train.sum(axis=0), dtype=np.float32).reshape(-1, 1)
+    return torch.ones(train.shape[0], 1, device=device), torch.from_numpy(counts).to(device)

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from DataHandler import (Data, DataError, dense_rows, load_data, normalized_graph, sample_negatives,
-                         to_torch_csr, train_graph, train_pairs)
-from Model import Denoiser, GaussianDiffusion, Recommender, bpr_loss, contrastive_loss
+                         train_graph, train_pairs)
+from Model import Denoiser, GaussianDiffusion, Graph, Recommender, bpr_loss, contrastive_loss
 from Params import parse_args
 from Utils.helpers import (PhaseTimer, UsageError, device_name, make_run_dir, package_versions,
                            resolve_device, seed_everything, setup_logging)
@@ -42,7 +42,7 @@ class Trainer:
     args: argparse.Namespace
     data: Data
     device: torch.device
-    adj: torch.Tensor
+    adj: Graph
     model: Recommender
     denoisers: torch.nn.ModuleDict
     diffusion: GaussianDiffusion
@@ -67,7 +67,7 @@ def build_trainer(args: argparse.Namespace, data: Data, device: torch.device) ->
         m: Denoiser(data.n_items, args.dims, args.d_emb_size, args.norm) for m in data.modalities
     }).to(device)
     return Trainer(
-        args=args, data=data, device=device, adj=to_torch_csr(train_graph(data.train), device), model=model,
+        args=args, data=data, device=device, adj=Graph(train_graph(data.train), device, symmetric=True), model=model,
         denoisers=denoisers,
         diffusion=GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device),
         optimizer=torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0),
@@ -131,7 +131,7 @@ def generate_top_items(tr: Trainer, denoiser: Denoiser) -> torch.Tensor:
     return torch.cat(tops)
 
 
-def rebuild_graphs(tr: Trainer) -> Dict[str, Dict[str, torch.Tensor]]:
+def rebuild_graphs(tr: Trainer) -> Dict[str, Dict[str, Graph]]:
     """SPEC §6.2: every modality graph Âm from its denoiser, normalised, then edge-dropped.
 
     Returns, per modality, the dropped graph (used in training) and the full one (for --eval_graph full).
@@ -143,10 +143,10 @@ def rebuild_graphs(tr: Trainer) -> Dict[str, Dict[str, torch.Tensor]]:
         users = np.repeat(np.arange(n_users), top.shape[1])
         full = normalized_graph(users, top.ravel(), n_users, n_items)
         graphs[m] = {"full": full, "dropped": drop_edges(full, tr.args.keepRate, tr.rng)}
-    return {m: {k: to_torch_csr(g, tr.device) for k, g in pair.items()} for m, pair in graphs.items()}
+    return {m: {k: Graph(g, tr.device) for k, g in pair.items()} for m, pair in graphs.items()}
 
 
-def train_recommender(tr: Trainer, modal_graphs: Dict[str, torch.Tensor], pairs: tuple,
+def train_recommender(tr: Trainer, modal_graphs: Dict[str, Graph], pairs: tuple,
                       negatives: np.ndarray) -> Dict[str, float]:
     """SPEC §4 and §6.3: BPR + reg + contrastive loss over shuffled batches of (user, pos, neg)."""
     args = tr.args
@@ -177,7 +177,7 @@ def train_recommender(tr: Trainer, modal_graphs: Dict[str, torch.Tensor], pairs:
 
 
 @torch.no_grad()
-def evaluate_epoch(tr: Trainer, modal_graphs: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+def evaluate_epoch(tr: Trainer, modal_graphs: Dict[str, Graph]) -> Dict[str, Dict[str, float]]:
     """SPEC §7: all-rank metrics on validation and test from one forward pass."""
     tr.model.eval()
     with tr.autocast():

@@ -1,7 +1,7 @@
 """DiffMM's three parts: the multi-modal recommender, the denoiser, the Gaussian diffusion (SPEC §3-§5).
 
-Graphs are torch sparse CSR tensors; `torch.sparse.mm` on them is differentiable in the dense
-argument, which is all the recommender needs.
+Graphs are `Graph` objects: a torch sparse CSR matrix and its transpose, so that products with them
+are differentiable in the dense argument at the cost of one more sparse product.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import warnings
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +18,43 @@ from torch import nn
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 Views = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """A @ X with the gradient Aᵀ @ G from a precomputed Aᵀ (torch's own CSR backward re-sorts A each call)."""
+
+    @staticmethod
+    def forward(ctx, matrix: torch.Tensor, matrix_t: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        ctx.matrix_t = matrix_t
+        return torch.sparse.mm(matrix, dense)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None, torch.sparse.mm(ctx.matrix_t, grad)
+
+
+class Graph:
+    """A sparse square graph on the U+I nodes; `graph @ dense` is differentiable in `dense`."""
+
+    def __init__(self, matrix: sp.csr_matrix, device: torch.device, symmetric: bool = False):
+        self.shape = matrix.shape
+        self.nnz = matrix.nnz
+        self.matrix = _torch_csr(matrix, device)
+        self.matrix_t = self.matrix if symmetric else _torch_csr(matrix.T.tocsr(), device)
+
+    def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
+        return _SparseMatmul.apply(self.matrix, self.matrix_t, dense.float())
+
+    def to_dense(self) -> torch.Tensor:
+        return self.matrix.to_dense()
+
+
+def _torch_csr(matrix: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    matrix = matrix.tocsr()
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int64)),
+        torch.from_numpy(matrix.data.astype(np.float32)), size=matrix.shape, device=device,
+        check_invariants=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,14 +106,14 @@ class Recommender(nn.Module):
     def reg_loss(self) -> torch.Tensor:
         return self.user_emb.square().sum() + self.item_emb.square().sum()
 
-    def _propagate(self, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _propagate(self, adj: Graph, x: torch.Tensor) -> torch.Tensor:
         """Σ_{l=0..L} adj^l x: sum-pooled LightGCN propagation on the train graph."""
         layers = [x]
         for _ in range(self.gnn_layer):
-            layers.append(torch.sparse.mm(adj, layers[-1]))
+            layers.append(adj @ layers[-1])
         return torch.stack(layers).sum(0)
 
-    def forward(self, adj: torch.Tensor, modal_graphs: Dict[str, torch.Tensor], with_views: bool = False
+    def forward(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, Views]:
         """Main-view user and item vectors (`forward_MM`), plus the contrastive views (`forward_cl_MM`).
 
@@ -94,14 +132,14 @@ class Recommender(nn.Module):
         view_inputs = []
         for k, m in enumerate(self.modalities):
             modal_nodes = torch.cat([self.user_emb, F.normalize(features[m])])
-            z = torch.sparse.mm(adj, modal_nodes)
-            z = z + torch.sparse.mm(adj, torch.cat([z[: self.n_users], self.item_emb]))
+            z = adj @ modal_nodes
+            z = z + adj @ torch.cat([z[: self.n_users], self.item_emb])
             if with_views:  # one product of Âm with both the ID tables and the modality nodes
-                generated = torch.sparse.mm(modal_graphs[m], torch.cat([id_nodes, modal_nodes], dim=1))
+                generated = modal_graphs[m] @ torch.cat([id_nodes, modal_nodes], dim=1)
                 z = z + self.ris_adj_lambda * generated[:, :d]
                 view_inputs.append(generated[:, d:])
             else:
-                z = z + self.ris_adj_lambda * torch.sparse.mm(modal_graphs[m], id_nodes)
+                z = z + self.ris_adj_lambda * (modal_graphs[m] @ id_nodes)
             fused = fused + weights[k] * z
 
         pooled = self._propagate(adj, torch.cat([fused] + view_inputs, dim=1))
@@ -127,7 +165,32 @@ def info_nce(anchor: torch.Tensor, other: torch.Tensor, nodes: torch.Tensor, tem
     x = F.normalize(anchor[nodes])
     y = F.normalize(other)
     positive = (x * y[nodes]).sum(-1) / temp
-    return (torch.logsumexp(x @ y.T / temp, dim=1) - positive).mean()
+    return (_LogSumExpLogits.apply(x, y, temp) - positive).mean()
+
+
+class _LogSumExpLogits(torch.autograd.Function):
+    """logsumexp_v(x_n · y_v / τ) for every row n, with one batch x N buffer reused in place.
+
+    Same value and gradient as `torch.logsumexp(x @ y.T / temp, 1)`, in about half the passes over
+    the batch x N logits, which dominate the recommender's step (N = all users or all items).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, temp: float) -> torch.Tensor:
+        probs = (x / temp) @ y.T
+        row_max = probs.max(dim=1, keepdim=True).values
+        probs.sub_(row_max).exp_()
+        total = probs.sum(dim=1, keepdim=True)
+        probs.div_(total)  # softmax over v: the gradient of the logsumexp w.r.t. the logits
+        ctx.save_for_backward(x, y, probs)
+        ctx.temp = temp
+        return (row_max + total.log()).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y, probs = ctx.saved_tensors
+        grad_logits = probs * (grad[:, None] / ctx.temp)
+        return grad_logits @ y, grad_logits.T @ x, None
 
 
 def contrastive_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, views: Views, users: torch.Tensor,
@@ -161,6 +224,12 @@ def step_embedding(steps: torch.Tensor, size: int) -> torch.Tensor:
     return emb
 
 
+def message_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of the input row (as nn.Dropout), with the mask built in place: ~2x faster on CPU."""
+    keep = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
+    return keep.mul_(x)
+
+
 class Denoiser(nn.Module):
     """MLP x̂0 = f([x_t ; emb(t)]) over the I items of a user row (Eq. 13).
 
@@ -176,7 +245,7 @@ class Denoiser(nn.Module):
         self.emb_layer = nn.Linear(emb_size, emb_size)
         self.in_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(in_dims[:-1], in_dims[1:]))
         self.out_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(out_dims[:-1], out_dims[1:]))
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
         for layer in [self.emb_layer, *self.in_layers, *self.out_layers]:
             std = math.sqrt(2.0 / (layer.in_features + layer.out_features))
             nn.init.normal_(layer.weight, 0.0, std)
@@ -186,8 +255,8 @@ class Denoiser(nn.Module):
         emb = self.emb_layer(step_embedding(steps, self.emb_size))
         if self.norm:
             x = F.normalize(x)
-        if mess_dropout:
-            x = self.drop(x)
+        if mess_dropout and self.training:
+            x = message_dropout(x, self.dropout)
         h = torch.cat([x, emb.to(x.dtype)], dim=-1)
         for layer in self.in_layers:
             h = torch.tanh(layer(h))

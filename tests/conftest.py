@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny datasets written to tmp_path in the released file layout, the shared data path."""
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# the real released splits (and TikTok's image/audio features), when this checkout sits beside them
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def require_shared(name: str) -> Path:
+    """The folder of a released dataset under SHARED, or skip the test when it is absent."""
+    folder = SHARED / name
+    if not (folder / "trnMat.pkl").is_file():
+        pytest.skip(f"released dataset {name} not found under {SHARED}")
+    return folder
+
+
+def write_dataset(folder: Path, train, val, test, features: Optional[Dict[str, np.ndarray]] = None) -> Path:
+    """Write splits (any scipy.sparse or dense array, pickled as float64 COO like the released files)
+    and `<modality>_feat.npy` files to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, matrix in (("trnMat", train), ("valMat", val), ("tstMat", test)):
+        if matrix is None:
+            continue
+        with open(folder / f"{name}.pkl", "wb") as f:
+            pickle.dump(sp.coo_matrix(matrix, dtype=np.float64), f)
+    for name, values in (features or {}).items():
+        np.save(folder / f"{name}_feat.npy", values)
+    return folder
+
+
+def hand_made(n_users: int = 24, n_items: int = 16, seed: int = 0, modalities=("image", "text")):
+    """A tiny random dataset as dense 0/1 arrays: every user has >= 2 train items and exactly one test
+    item and (mostly) one val item, all three disjoint; features random per modality."""
+    rng = np.random.default_rng(seed)
+    train = np.zeros((n_users, n_items))
+    val = np.zeros((n_users, n_items))
+    test = np.zeros((n_users, n_items))
+    for u in range(n_users):
+        items = rng.permutation(n_items)
+        k = int(rng.integers(2, max(3, n_items // 3)))
+        train[u, items[:k]] = 1
+        test[u, items[k]] = 1
+        if u % 5:
+            val[u, items[k + 1]] = 1
+    dims = {"image": 12, "text": 8, "audio": 6}
+    features = {m: rng.normal(size=(n_items, dims.get(m, 5))).astype(np.float32) for m in modalities}
+    return train, val, test, features
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    """A data_dir holding one hand-made dataset 'tiny' (24 users x 16 items, image + text)."""
+    data_dir = tmp_path / "data"
+    write_dataset(data_dir / "tiny", *hand_made())
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def gen_dir(tmp_path_factory) -> Path:
+    """A data_dir holding 'gen': a small dataset from Utils.synthetic.generate (image/text/audio)."""
+    from Utils.synthetic import generate
+
+    data_dir = tmp_path_factory.mktemp("gen_data")
+    train, val, test, features = generate(n_users=240, n_items=120, mean_interactions=12, seed=7)
+    write_dataset(data_dir / "gen", train, val, test, features)
+    return data_dir
+
+
+def tiny_args(data_dir: Path, out_dir: Path, *extra: str, data: str = "tiny") -> list:
+    """A fast command line for a tiny dataset."""
+    return ["--data", data, "--data_dir", str(data_dir), "--epoch", "1", "--dims", "[16]", "--latdim", "8",
+            "--quiet", "--out_dir", str(out_dir), *extra]

@@ -69,3 +69,65 @@ def write_synthetic(folder: Path, seed: int = SYNTHETIC_SEED) -> None:
             pickle.dump(matrix, f)
     for name, values in features.items():
         np.save(folder / f"{name}_feat.npy", values)
+
+
+def parse_dims(text: str) -> Dict[str, int]:
+    """'image:4096,text:1024' -> {'image': 4096, 'text': 1024}."""
+    return {name: int(dim) for name, dim in (part.split(":") for part in text.split(",") if part)}
+
+
+def write_random_features(folder: Path, n_items: int, dims: Dict[str, int], seed: int) -> None:
+    """Generated (random, float16) item features of the given sizes: for speed and memory runs only."""
+    rng = np.random.default_rng(seed)
+    for name, dim in dims.items():
+        np.save(folder / f"{name}_feat.npy", rng.standard_normal((n_items, dim), dtype=np.float32).astype(np.float16))
+
+
+def write_scale(folder: Path, n_users: int, n_items: int, n_interactions: int, dims: Dict[str, int],
+                seed: int = SYNTHETIC_SEED) -> None:
+    """A large generated dataset (popularity-skewed random interactions, 80/10/10 split) for scale runs."""
+    rng = np.random.default_rng(seed)
+    item_p = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    users = rng.integers(0, n_users, n_interactions)
+    items = rng.permutation(n_items)[rng.choice(n_items, n_interactions, p=item_p / item_p.sum())]
+    keys = np.unique(users.astype(np.int64) * n_items + items)
+    users, items = keys // n_items, keys % n_items
+    split = rng.choice(3, len(keys), p=[0.8, 0.1, 0.1])
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(("trnMat", "valMat", "tstMat")):
+        mask = split == k
+        matrix = sp.coo_matrix((np.ones(mask.sum()), (users[mask], items[mask])), shape=(n_users, n_items))
+        with open(folder / f"{name}.pkl", "wb") as f:
+            pickle.dump(matrix, f)
+    write_random_features(folder, n_items, dims, seed)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a generated dataset (not real data) for tests and benchmarks.")
+    parser.add_argument("--out", type=Path, required=True, help="dataset folder to create")
+    parser.add_argument("--like", type=Path, default=None,
+                        help="reuse the split files of this real dataset folder (linked) and add generated features")
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--interactions", type=int, default=2_000_000)
+    parser.add_argument("--features", type=parse_dims, default=parse_dims("image:128,text:128"),
+                        help="generated feature sizes, e.g. image:4096,text:1024")
+    parser.add_argument("--seed", type=int, default=SYNTHETIC_SEED)
+    a = parser.parse_args()
+    if a.out.exists() and any(a.out.iterdir()):
+        raise SystemExit(f"error: {a.out} already exists and is not empty; choose another --out.")
+    if a.like:
+        a.out.mkdir(parents=True, exist_ok=True)
+        for name in ("trnMat.pkl", "valMat.pkl", "tstMat.pkl"):
+            (a.out / name).symlink_to((a.like / name).resolve())
+        from DataHandler import load_matrix
+        write_random_features(a.out, load_matrix(a.out / "trnMat.pkl").shape[1], a.features, a.seed)
+    else:
+        write_scale(a.out, a.users, a.items, a.interactions, a.features, a.seed)
+    print(f"wrote generated dataset {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,11 +26,13 @@ class _SparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix: torch.Tensor, matrix_t: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         ctx.matrix_t = matrix_t
-        return torch.sparse.mm(matrix, dense)
+        with torch.autocast(dense.device.type, enabled=False):  # sparse products stay fp32
+            return torch.sparse.mm(matrix, dense.float())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, None, torch.sparse.mm(ctx.matrix_t, grad)
+        with torch.autocast(grad.device.type, enabled=False):
+            return None, None, torch.sparse.mm(ctx.matrix_t, grad.float())
 
 
 class Graph:
@@ -43,7 +45,7 @@ class Graph:
         self.matrix_t = self.matrix if symmetric else _torch_csr(matrix.T.tocsr(), device)
 
     def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
-        return _SparseMatmul.apply(self.matrix, self.matrix_t, dense.float())
+        return _SparseMatmul.apply(self.matrix, self.matrix_t, dense)
 
     def to_dense(self) -> torch.Tensor:
         return self.matrix.to_dense()
@@ -113,8 +115,8 @@ class Recommender(nn.Module):
             layers.append(adj @ layers[-1])
         return torch.stack(layers).sum(0)
 
-    def forward(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False
-                ) -> Tuple[torch.Tensor, torch.Tensor, Views]:
+    def forward(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False,
+                view_graphs: Optional[Dict[str, Graph]] = None) -> Tuple[torch.Tensor, torch.Tensor, Views]:
         """Main-view user and item vectors (`forward_MM`), plus the contrastive views (`forward_cl_MM`).
 
         Per modality m, with n_m the row-normalised transformed features and Âm the generated graph:
@@ -122,6 +124,7 @@ class Recommender(nn.Module):
             H0  = Σ_m softmax(κ)_m z_m;   H = Σ_l adj^l H0 + ω normalise(H0)     (Eq. 23, ω = ris_lambda)
             view_m = Σ_l adj^l (Âm [Eu; n_m])
         The main view and the views share the feature transforms and one propagation (stacked columns).
+        `view_graphs` (--fusion_ratio > 0) replaces Âm in the views only; by default the views use Âm.
         """
         d = self.user_emb.shape[1]
         id_nodes = torch.cat([self.user_emb, self.item_emb])
@@ -134,7 +137,10 @@ class Recommender(nn.Module):
             modal_nodes = torch.cat([self.user_emb, F.normalize(features[m])])
             z = adj @ modal_nodes
             z = z + adj @ torch.cat([z[: self.n_users], self.item_emb])
-            if with_views:  # one product of Âm with both the ID tables and the modality nodes
+            if with_views and view_graphs is not None and view_graphs[m] is not modal_graphs[m]:
+                z = z + self.ris_adj_lambda * (modal_graphs[m] @ id_nodes)
+                view_inputs.append(view_graphs[m] @ modal_nodes)
+            elif with_views:  # one product of Âm with both the ID tables and the modality nodes
                 generated = modal_graphs[m] @ torch.cat([id_nodes, modal_nodes], dim=1)
                 z = z + self.ris_adj_lambda * generated[:, :d]
                 view_inputs.append(generated[:, d:])
@@ -162,10 +168,12 @@ def info_nce(anchor: torch.Tensor, other: torch.Tensor, nodes: torch.Tensor, tem
     Rows are L2-normalised; the denominator runs over every row v of `other` (all users or all
     items), not only the batch; duplicate nodes in the batch count each time.
     """
-    x = F.normalize(anchor[nodes])
+    # A node's term depends only on the node: compute it once per distinct node, count it per occurrence.
+    unique, occurrence = torch.unique(nodes, return_inverse=True)
+    x = F.normalize(anchor[unique])
     y = F.normalize(other)
-    positive = (x * y[nodes]).sum(-1) / temp
-    return (_LogSumExpLogits.apply(x, y, temp) - positive).mean()
+    positive = (x * y[unique]).sum(-1) / temp
+    return (_LogSumExpLogits.apply(x, y, temp) - positive)[occurrence].mean()
 
 
 class _LogSumExpLogits(torch.autograd.Function):
@@ -207,6 +215,64 @@ def contrastive_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, views: View
     for (user_a, item_a), (user_b, item_b) in pairs:
         loss = loss + info_nce(user_a, user_b, users, temp) + info_nce(item_a, item_b, positives, temp)
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# VGAE graph generator of the "w/o DM" ablation (paper Table 3, Kipf & Welling 2016)
+# ---------------------------------------------------------------------------------------------
+
+class VGAE(nn.Module):
+    """Variational graph auto-encoder over the U+I nodes of the train graph, one per modality.
+
+    Encoder (two GCN layers on the normalised train graph Â, the second split in mean and log-variance):
+        X = [Eu ; f_m] (detached user ID table and transformed modality features, both d wide)
+        H = ReLU(Â X W0);  μ = Â H Wμ;  log σ² = Â H Wσ;  z = μ + σ ε (ε ~ N(0, I) in training, 0 otherwise)
+    Decoder: p(u, i) = σ(z_u · z_i). Loss for a batch of user rows x0 (dense 0/1 rows of the train
+    matrix): the mean of the positive-weighted binary cross-entropy of the logits z_u · z_i against x0
+    (positives weighted by `pos_weight`, #non-edges / #edges of the train matrix, as Kipf & Welling's
+    code), plus KL(q(z) || N(0, I)) averaged over nodes and divided by the number of nodes.
+    """
+
+    def __init__(self, n_users: int, in_dim: int, hidden: int, out_dim: int, pos_weight: float):
+        super().__init__()
+        self.n_users, self.pos_weight = n_users, pos_weight
+        self.w0 = nn.Linear(in_dim, hidden, bias=False)
+        self.w_mu = nn.Linear(hidden, out_dim, bias=False)
+        self.w_logvar = nn.Linear(hidden, out_dim, bias=False)
+        for layer in (self.w0, self.w_mu, self.w_logvar):
+            nn.init.xavier_uniform_(layer.weight)
+
+    def encode(self, adj: Graph, user_emb: torch.Tensor, item_feat: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of every node, (U+I) x out_dim."""
+        h = torch.relu(adj @ self.w0(torch.cat([user_emb, item_feat])))
+        h = adj @ h
+        return self.w_mu(h), self.w_logvar(h)
+
+    def sample(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Reparameterised z in training, the mean otherwise."""
+        if not self.training:
+            return mu
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def loss(self, adj: Graph, user_emb: torch.Tensor, item_feat: torch.Tensor, rows: torch.Tensor,
+             x0: torch.Tensor) -> torch.Tensor:
+        """Weighted BCE reconstruction of the batch's user rows (batch x I, never U x I) + KL / nodes."""
+        mu, logvar = self.encode(adj, user_emb, item_feat)
+        z = self.sample(mu, logvar)
+        logits = (z[rows] @ z[self.n_users:].T).float()
+        recon = F.binary_cross_entropy_with_logits(
+            logits, x0, pos_weight=torch.tensor(self.pos_weight, device=x0.device, dtype=logits.dtype))
+        n_nodes = mu.shape[0]
+        kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1).mean() / n_nodes
+        return recon + kl
+
+    @torch.no_grad()
+    def embeddings(self, adj: Graph, user_emb: torch.Tensor, item_feat: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(user z, item z) with z = μ: the decoder score of (u, i) is σ(z_u · z_i), ranked by z_u · z_i."""
+        mu, _ = self.encode(adj, user_emb, item_feat)
+        return mu[: self.n_users], mu[self.n_users:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +323,12 @@ class Denoiser(nn.Module):
             x = F.normalize(x)
         if mess_dropout and self.training:
             x = message_dropout(x, self.dropout)
-        h = torch.cat([x, emb.to(x.dtype)], dim=-1)
-        for layer in self.in_layers:
+        # The first layer on [x ; emb] as two products: same result, but autograd then needs no
+        # gradient for the I-wide input x (only for the small step embedding).
+        first = self.in_layers[0]
+        n_items = x.shape[1]
+        h = torch.tanh(F.linear(x, first.weight[:, :n_items]) + F.linear(emb, first.weight[:, n_items:], first.bias))
+        for layer in self.in_layers[1:]:
             h = torch.tanh(layer(h))
         for i, layer in enumerate(self.out_layers):
             h = layer(h)

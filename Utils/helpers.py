@@ -32,6 +32,15 @@ def resolve_device(name: str, gpu: str = "0") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16); without them bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy's legacy generator and torch; make cuDNN deterministic (no benchmarking)."""
     random.seed(seed)

@@ -151,6 +151,9 @@ def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = N
                             f"{train.shape}; all three splits must be users x items of the same size.")
     if test.nnz == 0:
         raise DataError(f"{folder / 'tstMat.pkl'} holds no interaction, so there is nothing to evaluate on.")
+    if val.nnz == 0:
+        raise DataError(f"{folder / 'valMat.pkl'} holds no interaction, so the validation protocol cannot select "
+                        f"an epoch; put held-out interactions in it (the released datasets have them).")
 
     files = feature_files(folder)
     if modalities:

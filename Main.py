@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from DataHandler import (Data, DataError, dense_rows, load_data, normalized_graph, sample_negatives,
                          train_graph, train_pairs)
-from Model import Denoiser, GaussianDiffusion, Graph, Recommender, bpr_loss, contrastive_loss
+from Model import VGAE, Denoiser, GaussianDiffusion, Graph, Recommender, bpr_loss, contrastive_loss
 from Params import parse_args
-from Utils.helpers import (PhaseTimer, UsageError, device_name, make_run_dir, package_versions,
+from Utils.helpers import (PhaseTimer, UsageError, cpu_has_bf16_units, device_name, make_run_dir, package_versions,
                            resolve_device, seed_everything, setup_logging)
-from Utils.metrics import evaluate, popularity_scores
+from Utils.metrics import evaluate, group_metrics, per_user_metrics, popularity_scores
 from Utils.synthetic import write_synthetic
 
 log = logging.getLogger("diffmm")
@@ -49,6 +49,8 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     denoiser_optimizers: Dict[str, torch.optim.Optimizer]
     rng: np.random.Generator
+    # the last rebuild's top items per modality (U x rebuild_k), saved as generated_items.npz
+    generated: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def autocast(self):
         """bf16 autocast of the matrix products when asked for (CPU AMX or CUDA tensor cores)."""
@@ -63,9 +65,15 @@ def build_trainer(args: argparse.Namespace, data: Data, device: torch.device) ->
     features = {m: torch.from_numpy(f) for m, f in data.features.items()}
     model = Recommender(data.n_users, data.n_items, features, args.latdim, args.gnn_layer, args.trans,
                         args.ris_lambda, args.ris_adj_lambda).to(device)
-    denoisers = torch.nn.ModuleDict({
-        m: Denoiser(data.n_items, args.dims, args.d_emb_size, args.norm) for m in data.modalities
-    }).to(device)
+    if args.ablation == "no_dm":  # Table 3 "w/o DM": a VGAE per modality generates the graphs
+        pos_weight = (data.n_users * data.n_items - data.train.nnz) / max(data.train.nnz, 1)
+        denoisers = torch.nn.ModuleDict({
+            m: VGAE(data.n_users, args.latdim, args.latdim, args.latdim, pos_weight) for m in data.modalities
+        }).to(device)
+    else:
+        denoisers = torch.nn.ModuleDict({
+            m: Denoiser(data.n_items, args.dims, args.d_emb_size, args.norm) for m in data.modalities
+        }).to(device)
     return Trainer(
         args=args, data=data, device=device, adj=Graph(train_graph(data.train), device, symmetric=True), model=model,
         denoisers=denoisers,
@@ -83,13 +91,29 @@ def user_batches(n: int, batch: int, shuffle: bool) -> List[np.ndarray]:
     return [order[i:i + batch] for i in range(0, n, batch)]
 
 
+def generator_loss(tr: Trainer, generator: torch.nn.Module, x0: torch.Tensor, rows: np.ndarray,
+                   modal_feat: torch.Tensor) -> torch.Tensor:
+    """The loss of one modality's graph generator on a batch of user rows x0.
+
+    Diffusion: mean ELBO + e_loss * mean MSI (SPEC §5); `--ablation no_msi`: the mean ELBO only.
+    `--ablation no_dm`: the VGAE's reconstruction + KL loss on the same rows (Model.VGAE).
+    Recommender tables and `modal_feat` are read detached.
+    """
+    if isinstance(generator, VGAE):
+        return generator.loss(tr.adj, tr.model.user_emb.detach(), modal_feat,
+                              torch.from_numpy(rows).to(tr.device), x0)
+    elbo, msi = tr.diffusion.training_losses(generator, x0, tr.model.item_emb.detach(), modal_feat)
+    if tr.args.ablation == "no_msi":
+        return elbo.mean()
+    return elbo.mean() + tr.args.e_loss * msi.mean()
+
+
 def train_denoisers(tr: Trainer) -> Dict[str, float]:
-    """SPEC §6.1: one pass of every denoiser over all users; returns the mean loss per modality."""
-    args, diffusion = tr.args, tr.diffusion
+    """SPEC §6.1: one pass of every denoiser (or VGAE with --ablation no_dm) over all users; mean loss per modality."""
+    args = tr.args
     tr.denoisers.train()
     with torch.no_grad():  # the recommender's tables are read, not trained, here
         modal_feats = tr.model.modal_features()
-        item_emb = tr.model.item_emb.detach()
     totals = {m: torch.zeros((), device=tr.device) for m in tr.data.modalities}
     batches = user_batches(tr.data.n_users, args.batch, True)
     for rows in tr.progress(batches, "denoisers"):
@@ -98,8 +122,7 @@ def train_denoisers(tr: Trainer) -> Dict[str, float]:
         for m, denoiser in tr.denoisers.items():
             tr.denoiser_optimizers[m].zero_grad(set_to_none=True)
             with tr.autocast():
-                elbo, msi = diffusion.training_losses(denoiser, x0, item_emb, modal_feats[m])
-            loss_m = elbo.mean() + args.e_loss * msi.mean()
+                loss_m = generator_loss(tr, denoiser, x0, rows, modal_feats[m])
             totals[m] += loss_m.detach()
             loss = loss + loss_m
         loss.backward()
@@ -118,8 +141,19 @@ def drop_edges(graph: sp.csr_matrix, keep_rate: float, rng: np.random.Generator)
 
 
 @torch.no_grad()
-def generate_top_items(tr: Trainer, denoiser: Denoiser) -> torch.Tensor:
-    """SPEC §5 sampling: the top rebuild_k items of every user's denoised train row (U x k indices)."""
+def generate_top_items(tr: Trainer, denoiser: torch.nn.Module, modality: Optional[str] = None) -> torch.Tensor:
+    """SPEC §5 sampling: the top rebuild_k items of every user's denoised train row (U x k indices).
+
+    With a VGAE (--ablation no_dm; `modality` names its features): every user's top rebuild_k items
+    by the decoder score σ(z_u · z_i), z = μ of the encoder.
+    """
+    if isinstance(denoiser, VGAE):
+        denoiser.eval()
+        user_z, item_z = denoiser.embeddings(tr.adj, tr.model.user_emb.detach(), tr.model.modal_features()[modality])
+        denoiser.train()
+        return torch.cat([torch.topk(user_z[torch.from_numpy(rows).to(tr.device)] @ item_z.T, tr.args.rebuild_k,
+                                     dim=1).indices
+                          for rows in user_batches(tr.data.n_users, tr.args.batch, False)])
     denoiser.eval()
     tops = []
     for rows in tr.progress(user_batches(tr.data.n_users, tr.args.batch, False), "rebuild"):
@@ -131,29 +165,63 @@ def generate_top_items(tr: Trainer, denoiser: Denoiser) -> torch.Tensor:
     return torch.cat(tops)
 
 
+def fused_view_graph(train: sp.csr_matrix, top: np.ndarray, ratio: float, train_keep: float, keep_rate: float,
+                     rng: np.random.Generator) -> sp.csr_matrix:
+    """The graph of one modality's contrastive view for --fusion_ratio r > 0 (paper Figure 4).
+
+    Every user independently, with probability r, takes its train edges, each kept with probability
+    `train_keep` (random edge-drop augmentation); otherwise it takes its rebuild_k generated edges
+    `top[u]`. The union is normalised (SPEC §2) and edge-dropped with keepRate like the generated graph.
+    r = 1: a randomly dropped train graph only; r = 0 would be the generated graph (not called then).
+    """
+    n_users, n_items = train.shape
+    random_users = rng.random(n_users) < ratio
+    gen_users = np.repeat(np.arange(n_users), top.shape[1])
+    keep_gen = ~random_users[gen_users]
+    coo = train.tocoo()
+    keep_train = random_users[coo.row] & (rng.random(coo.nnz) < train_keep)
+    users = np.concatenate([gen_users[keep_gen], coo.row[keep_train]])
+    items = np.concatenate([top.ravel()[keep_gen], coo.col[keep_train]])
+    return drop_edges(normalized_graph(users, items, n_users, n_items), keep_rate, rng)
+
+
 def rebuild_graphs(tr: Trainer) -> Dict[str, Dict[str, Graph]]:
     """SPEC §6.2: every modality graph Âm from its denoiser, normalised, then edge-dropped.
 
-    Returns, per modality, the dropped graph (used in training) and the full one (for --eval_graph full).
+    Returns, per modality, the dropped graph (used in training), the full one (for --eval_graph full)
+    and the contrastive views' graph ("view": the dropped graph itself unless --fusion_ratio > 0).
+    The top items are kept in `tr.generated`.
     """
     n_users, n_items = tr.data.n_users, tr.data.n_items
+    args = tr.args
     graphs = {}
     for m, denoiser in tr.denoisers.items():
-        top = generate_top_items(tr, denoiser).cpu().numpy()
+        top = generate_top_items(tr, denoiser, m).cpu().numpy()
+        tr.generated[m] = top
         users = np.repeat(np.arange(n_users), top.shape[1])
         full = normalized_graph(users, top.ravel(), n_users, n_items)
-        graphs[m] = {"full": full, "dropped": drop_edges(full, tr.args.keepRate, tr.rng)}
-    return {m: {k: Graph(g, tr.device) for k, g in pair.items()} for m, pair in graphs.items()}
+        graphs[m] = {"full": full, "dropped": drop_edges(full, args.keepRate, tr.rng)}
+        if args.fusion_ratio > 0:
+            graphs[m]["view"] = fused_view_graph(tr.data.train, top, args.fusion_ratio, args.fusion_keep,
+                                                 args.keepRate, tr.rng)
+    out = {m: {k: Graph(g, tr.device) for k, g in pair.items()} for m, pair in graphs.items()}
+    for pair in out.values():
+        pair.setdefault("view", pair["dropped"])  # r = 0: the views use Âm itself
+    return out
 
 
 def train_recommender(tr: Trainer, modal_graphs: Dict[str, Graph], pairs: tuple,
-                      negatives: np.ndarray) -> Dict[str, float]:
-    """SPEC §4 and §6.3: BPR + reg + contrastive loss over shuffled batches of (user, pos, neg)."""
+                      negatives: np.ndarray, view_graphs: Optional[Dict[str, Graph]] = None) -> Dict[str, float]:
+    """SPEC §4 and §6.3: BPR + reg + contrastive loss over shuffled batches of (user, pos, neg).
+
+    `view_graphs`: the contrastive views' graphs (--fusion_ratio); None = the modal graphs.
+    `--ablation no_cl`: no contrastive term and the views are not computed.
+    """
     args = tr.args
     users = torch.from_numpy(pairs[0]).to(tr.device)
     positives = torch.from_numpy(pairs[1]).to(tr.device)
     negatives = torch.from_numpy(negatives).to(tr.device)
-    with_views = args.ssl_reg != 0
+    with_views = args.ssl_reg != 0 and args.ablation != "no_cl"
     tr.model.train()
     totals = torch.zeros(3, device=tr.device)
     batches = user_batches(len(users), args.batch, True)
@@ -162,7 +230,8 @@ def train_recommender(tr: Trainer, modal_graphs: Dict[str, Graph], pairs: tuple,
         u, p, n = users[idx], positives[idx], negatives[idx]
         tr.optimizer.zero_grad(set_to_none=True)
         with tr.autocast():
-            user_vec, item_vec, views = tr.model(tr.adj, modal_graphs, with_views=with_views)
+            user_vec, item_vec, views = tr.model(tr.adj, modal_graphs, with_views=with_views,
+                                                 view_graphs=view_graphs)
         user_vec, item_vec = user_vec.float(), item_vec.float()
         bpr = bpr_loss(user_vec, item_vec, u, p, n, args.batch)
         reg = args.reg * tr.model.reg_loss()
@@ -177,13 +246,23 @@ def train_recommender(tr: Trainer, modal_graphs: Dict[str, Graph], pairs: tuple,
 
 
 @torch.no_grad()
-def evaluate_epoch(tr: Trainer, modal_graphs: Dict[str, Graph]) -> Dict[str, Dict[str, float]]:
-    """SPEC §7: all-rank metrics on validation and test from one forward pass."""
+def evaluate_epoch(tr: Trainer, modal_graphs: Dict[str, Graph]) -> Dict[str, dict]:
+    """SPEC §7: all-rank metrics on validation and test from one forward pass.
+
+    Per-user metrics are computed once per split and averaged overall ('val', 'test') and, for test,
+    per user group by number of train interactions ('groups', paper Figure 2, edges --groups).
+    """
     tr.model.eval()
     with tr.autocast():
         user_vec, item_vec, _ = tr.model(tr.adj, modal_graphs)
-    return {split: evaluate(user_vec, item_vec, tr.data.train, heldout, tr.args.topks, tr.args.tstBat)
-            for split, heldout in (("val", tr.data.val), ("test", tr.data.test))}
+    out: Dict[str, dict] = {}
+    for split, heldout in (("val", tr.data.val), ("test", tr.data.test)):
+        users, values = per_user_metrics(user_vec, item_vec, tr.data.train, heldout, tr.args.topks, tr.args.tstBat)
+        out[split] = {name: float(v.mean()) for name, v in values.items()}
+        if split == "test":
+            counts = np.diff(tr.data.train.indptr)
+            out["groups"] = group_metrics(counts[users], values, tr.args.groups)
+    return out
 
 
 def load_run_data(args: argparse.Namespace) -> Data:
@@ -212,6 +291,9 @@ def run(args: argparse.Namespace) -> dict:
              f"{data.val.nnz} val / {data.test.nnz} test interactions; modalities "
              f"{', '.join(f'{m} ({f.shape[1]}-d)' for m, f in data.features.items())}; device {device_name(device)}")
 
+    if args.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
+        log.warning("warning: this CPU has no bf16 matrix units (no AMX or AVX512-BF16), so --precision bf16 "
+                    "runs much slower than fp32 here")
     tr = build_trainer(args, data, device)
     pairs = train_pairs(data.train)
     k = args.topk
@@ -231,7 +313,8 @@ def run(args: argparse.Namespace) -> dict:
         with timer.phase("negatives"):
             negatives = sample_negatives(data.train, pairs[0], tr.rng)
         with timer.phase("recommender"):
-            losses = train_recommender(tr, {m: g["dropped"] for m, g in graphs.items()}, pairs, negatives)
+            losses = train_recommender(tr, {m: g["dropped"] for m, g in graphs.items()}, pairs, negatives,
+                                       view_graphs={m: g["view"] for m, g in graphs.items()})
         record = {"epoch": epoch, "loss": losses, "denoiser_loss": denoiser_loss}
         if epoch % args.tstEpoch == 0 or epoch == args.epoch - 1:
             with timer.phase("evaluation"):
@@ -258,11 +341,23 @@ def run(args: argparse.Namespace) -> dict:
             log.info(f"early stop: validation Recall@{k} did not improve for {args.patience} evaluations")
             break
     metrics_file.close()
+    # the last epoch's generated top items per modality (U x rebuild_k), for the Figure 5 case study
+    np.savez_compressed(run_dir / "generated_items.npz", **{m: t.astype(np.int32) for m, t in tr.generated.items()})
 
     summary = make_summary(args, data, device, history, best, popularity)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report(summary, run_dir)
+    write_curves(run_dir)
     return summary
+
+
+def write_curves(run_dir: Path) -> None:
+    """Training curves (losses, val/test metrics per epoch) as run_dir/curves.png; a failure only warns."""
+    try:
+        from Utils.figures import training_curves
+        training_curves(run_dir)
+    except Exception as e:  # a figure must never fail a finished run
+        log.warning(f"could not draw the training curves ({type(e).__name__}: {e})")
 
 
 def save_checkpoint(tr: Trainer, path: Path, epoch: int) -> None:
@@ -284,6 +379,10 @@ def make_summary(args: argparse.Namespace, data: Data, device: torch.device, his
                            "epoch": best["validation"]["epoch"], "val": best["validation"]["val"],
                            "test": best["validation"]["test"]},
         },
+        "groups": {"description": "test metrics per user group by number of train interactions ([low, high) "
+                                  "each, the last open-ended) at the validation protocol's epoch (paper Figure 2)",
+                   "epoch": (best["validation"] or {}).get("epoch"), "edges": list(args.groups),
+                   "per_group": (best["validation"] or {}).get("groups")},
         "baselines": {"popularity": popularity},
         "epochs_run": len(history),
         "evaluations": len(evaluated),

@@ -30,7 +30,7 @@ def int_list(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected a list of integers such as [1000], got {text!r}")
     if isinstance(value, int):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+    if not isinstance(value, list) or not value or not all(type(v) is int and v > 0 for v in value):
         raise argparse.ArgumentTypeError(f"expected a list of positive integers such as [1000], got {text!r}")
     return value
 
@@ -41,6 +41,29 @@ def name_list(text: str) -> List[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
     return names
+
+
+def unit_float(text: str) -> float:
+    """Parse a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def group_edges(text: str) -> List[int]:
+    """Parse '0,5,10,20,50' into strictly increasing non-negative ints starting at 0 (0 is added if absent)."""
+    try:
+        edges = [int(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,5,10,20,50, got {text!r}")
+    if not edges or any(e < 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise argparse.ArgumentTypeError(f"expected strictly increasing non-negative integers such as "
+                                         f"0,5,10,20,50, got {text!r}")
+    return edges if edges[0] == 0 else [0] + edges
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated graphs used at evaluation: 'dropped' (authors: after the random edge drop) or "
                         "'full' (the same graphs before the drop, so evaluation is not random)")
 
+    g = p.add_argument_group("experiments", "the paper's ablations, fusion ratio and sparsity groups "
+                                            "(README, section Paper experiments)")
+    g.add_argument("--ablation", default="none", choices=["none", "no_cl", "no_msi", "no_dm"],
+                   help="paper Table 3: no_cl = no contrastive term (views not computed); no_msi = the MSI term "
+                        "of the diffusion loss dropped (as e_loss 0); no_dm = a VGAE per modality (Kipf & "
+                        "Welling 2016) generates the modality graphs instead of the diffusion model")
+    g.add_argument("--fusion_ratio", default=0.0, type=unit_float,
+                   help="paper Figure 4: graphs of the contrastive views only (not the main view). Per epoch, "
+                        "modality and user, with probability r the user's view edges are its train edges, each "
+                        "kept with probability --fusion_keep (random edge drop), else its rebuild_k generated "
+                        "edges; the union is normalised and edge-dropped (keepRate) like the generated graph. "
+                        "0 = the generated graph itself (diffusion only), 1 = randomly dropped train graph only")
+    g.add_argument("--fusion_keep", default=0.5, type=unit_float,
+                   help="paper Figure 4: keep probability of each train edge in the random augmentation used by "
+                        "--fusion_ratio > 0")
+    g.add_argument("--groups", default="0,5,10,20,50", type=group_edges,
+                   help="paper Figure 2: edges of the user groups by number of train interactions, [a, b) each "
+                        "and the last open-ended (0,5,10,20,50 = 0-5, 5-10, 10-20, 20-50, 50+)")
+
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
     g.add_argument("--gpu", default="0", type=str, help="CUDA device index used when the device is CUDA")
@@ -114,9 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def impossible_value(args: argparse.Namespace) -> Optional[str]:
+    """The first flag whose value cannot give a meaningful run, as one sentence, or None."""
+    for name in ("epoch", "batch", "tstBat", "tstEpoch", "steps", "topk", "d_emb_size", "latdim", "rebuild_k"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    for name in ("gnn_layer", "patience"):
+        if getattr(args, name) < 0:
+            return f"--{name} must be 0 or more, got {getattr(args, name)}"
+    if not 0 <= args.sampling_steps <= args.steps:
+        return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}"
+    if not 0.0 < args.keepRate <= 1.0:
+        return f"--keepRate must be in (0, 1] (the share of generated edges kept), got {args.keepRate}"
+    if not args.temp > 0.0:
+        return f"--temp must be positive (InfoNCE divides by it), got {args.temp}"
+    noise = (args.noise_scale, args.noise_min, args.noise_max)
+    if min(noise) < 0.0 or args.noise_scale * max(args.noise_min, args.noise_max) >= 1.0:
+        return (f"--noise_scale, --noise_min and --noise_max must be non-negative with noise_scale x noise_max "
+                f"below 1 (it is a variance), got {noise}")
+    if args.lr < 0.0:
+        return f"--lr must not be negative, got {args.lr}"
+    return None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the command line (or `argv`) into the arguments object passed through the whole run."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = impossible_value(args)
+    if problem:
+        parser.error(problem)
     topks = sorted(set([args.topk] + (args.topks or [])))
     args.topks = topks
     return args

@@ -70,3 +70,27 @@ def popularity_scores(train: sp.csr_matrix, device: torch.device) -> tuple[torch
     """(user, item) vectors whose dot product ranks items by their number of train interactions."""
     counts = np.asarray(train.sum(axis=0), dtype=np.float32).reshape(-1, 1)
     return torch.ones(train.shape[0], 1, device=device), torch.from_numpy(counts).to(device)
+
+
+def group_name(edges: Sequence[int], index: int) -> str:
+    """'0-5', '5-10', ..., '50+' for the group [edges[index], edges[index+1])."""
+    low = edges[index]
+    return f"{low}-{edges[index + 1]}" if index + 1 < len(edges) else f"{low}+"
+
+
+def group_metrics(train_counts: np.ndarray, values: Dict[str, np.ndarray], edges: Sequence[int]
+                  ) -> Dict[str, Dict[str, object]]:
+    """Mean of every per-user metric within each group of users by number of train interactions.
+
+    `train_counts[j]` is the number of train items of the j-th evaluated user (aligned with `values`);
+    group g holds the users with edges[g] <= count < edges[g+1] (the last group is open-ended), so with
+    edges[0] = 0 the groups partition the evaluated users. Each group: {'users': n, metric: mean or None}.
+    """
+    out: Dict[str, Dict[str, object]] = {}
+    for g, low in enumerate(edges):
+        high = edges[g + 1] if g + 1 < len(edges) else np.inf
+        mask = (train_counts >= low) & (train_counts < high)
+        n = int(mask.sum())
+        out[group_name(edges, g)] = {"users": n, **{name: (float(v[mask].mean()) if n else None)
+                                                    for name, v in values.items()}}
+    return out

@@ -169,3 +169,46 @@ def test_users_without_train_and_items_never_seen_are_valid(tmp_path, capsys):
             assert np.isfinite(value) and 0 <= value <= 1
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert all(np.isfinite(v) for v in record["loss"].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# flag values that cannot work: rejected by the parser (SystemExit 2) or by main (2, one 'error:' line)
+# ------------------------------------------------------------------------------------------------
+
+def rejected_cleanly(argv, capsys):
+    try:
+        code = Main.main(argv)
+    except SystemExit as e:                     # argparse: 'usage: ...' + 'error: ...' on stderr
+        out, err = capsys.readouterr()
+        assert e.code == 2 and "error:" in err
+        return
+    out, err = capsys.readouterr()
+    lines = [l for l in (out + err).splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, lines[-3:])
+
+
+@pytest.mark.parametrize("extra", [
+    # no epoch / empty batches / no diffusion step / empty cut-off / no step embedding / no or bool hidden layer
+    ["--epoch", "0"], ["--batch", "0"], ["--tstBat", "0"], ["--tstEpoch", "0"], ["--steps", "0"],
+    ["--topk", "0"], ["--d_emb_size", "0"], ["--dims", "[]"], ["--dims", "[True]"],
+    # every generated edge dropped (and kept ones divided by keepRate <= 0), no generated edge, τ = 0 (NaN loss)
+    ["--keepRate", "0"], ["--keepRate", "-1"], ["--rebuild_k", "0"], ["--temp", "0"],
+], ids=lambda extra: " ".join(extra))
+def test_impossible_flag_values_rejected(tmp_path, capsys, extra):
+    data_dir = dataset(tmp_path)
+    rejected_cleanly(tiny_args(data_dir, tmp_path / "out", *extra), capsys)
+
+
+def test_empty_validation_split(tmp_path, capsys):
+    """valMat.pkl with no interaction (the authors never read it): either a clear error like the empty
+    test split, or a run that completes; never an uncaught exception."""
+    _, val, _, _ = hand_made()
+    data_dir = dataset(tmp_path, val=np.zeros_like(val))
+    code = Main.main(tiny_args(data_dir, tmp_path / "out"))
+    out, err = capsys.readouterr()
+    if code == 2:
+        lines = [l for l in (out + err).splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and "valMat.pkl" in lines[0]
+    else:
+        assert code == 0
+        assert (tmp_path / "out" / "summary.json").is_file()

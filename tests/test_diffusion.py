@@ -210,13 +210,20 @@ def test_denoiser_dropout_only_in_training_and_only_on_x():
     b = den(x, steps).detach().numpy()
     assert not np.allclose(a, b)            # training: random message dropout
     assert not np.allclose(a, reference, atol=1e-3)
-    # dropout p = 0.5 with 1/(1-p) rescaling: reproduce one draw by hand
-    torch.manual_seed(5)
-    got = den(x, steps).detach().numpy()
-    torch.manual_seed(5)
-    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True).numpy()
-    assert set(np.unique(mask)) <= {0.0, 2.0}
-    np.testing.assert_allclose(got, ref_denoiser(den, x.double().numpy() * mask, steps, False), rtol=1e-5, atol=1e-5)
+    # dropout p = 0.5 with 1/(1-p) rescaling on x only: with 6 items, find for every training-mode output
+    # the one mask in {0, 2}^6 that reproduces it by hand
+    small = Denoiser(6, [16], 10, norm=False).train()
+    rows = 300
+    xs = torch.rand(rows, 6) + 0.5
+    ts = torch.randint(0, 5, (rows,))
+    got = small(xs, ts).detach().double().numpy()
+    masks = np.array([[2.0 * ((code >> j) & 1) for j in range(6)] for code in range(64)])
+    candidates = ref_denoiser(small, (xs.double().numpy()[:, None, :] * masks[None]).reshape(-1, 6),
+                              np.repeat(ts.numpy(), 64), False).reshape(rows, 64, 6)
+    err = np.abs(candidates - got[:, None, :]).max(axis=2)
+    best = err.argmin(axis=1)
+    assert (err[np.arange(rows), best] < 1e-5).all()               # every output is x ⊙ mask through the MLP
+    assert 0.45 < (masks[best] == 0).mean() < 0.55                  # p = 0.5
     # x = 0: dropout of zeros is zeros, so a training-mode output is deterministic (no dropout elsewhere)
     zeros = torch.zeros(3, 30)
     s3 = torch.tensor([0, 2, 4])

@@ -11,8 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from DataHandler import to_torch_csr
-from Model import Recommender, bpr_loss, contrastive_loss, info_nce
+from Model import Graph, Recommender, bpr_loss, contrastive_loss, info_nce
 
 CPU = torch.device("cpu")
 MODAL_DIMS = {"image": 7, "text": 5, "audio": 4}
@@ -36,42 +35,55 @@ def dense_norm_adj(R: np.ndarray) -> np.ndarray:
     return A / np.sqrt(np.outer(d, d))
 
 
-def ref_transform(model: Recommender, m: str, trans: int, F: np.ndarray) -> np.ndarray:
+def ref_params(model: Recommender) -> dict:
+    """Float64 leaf copies of every recommender parameter (so the reference can be differentiated)."""
+    return {name: p.detach().double().clone().requires_grad_(True) for name, p in model.named_parameters()}
+
+
+def ref_transform(P: dict, m: str, trans: int, F: torch.Tensor) -> torch.Tensor:
     uses_linear = trans == 1 or (trans == 2 and m != "image")
-    t = model.transforms[m]
     if uses_linear:
-        lin = t.linear
-        return F @ np64(lin.weight).T + np64(lin.bias)
-    h = F @ np64(t.weight)
-    return np.where(h > 0, h, 0.2 * h)  # LeakyReLU 0.2
+        return F @ P[f"transforms.{m}.linear.weight"].T + P[f"transforms.{m}.linear.bias"]
+    h = F @ P[f"transforms.{m}.weight"]
+    return torch.where(h > 0, h, 0.2 * h)  # LeakyReLU 0.2
 
 
-def ref_forward(model, adj, graphs, feats, trans, gnn_layer, ris_lambda, ris_adj_lambda):
-    Eu, Ei = np64(model.user_emb), np64(model.item_emb)
+def t_l2_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def ref_forward(P, adj, graphs, feats, trans, gnn_layer, ris_lambda, ris_adj_lambda):
+    """SPEC §3 transcribed with dense float64 torch matrices, one modality at a time (no sharing)."""
+    adj = torch.as_tensor(adj)
+    Eu, Ei = P["user_emb"], P["item_emb"]
     U = Eu.shape[0]
-    kappa = np64(model.modal_weight)
-    w = np.exp(kappa) / np.exp(kappa).sum()
-    H0 = np.zeros((adj.shape[0], Eu.shape[1]))
+    w = torch.exp(P["modal_weight"]) / torch.exp(P["modal_weight"]).sum()
+    H0 = 0
     views = []
     for k, m in enumerate(feats):
-        f = ref_transform(model, m, trans, feats[m])
-        n = l2_rows(f)
-        z = adj @ np.vstack([Eu, n])
-        z = z + adj @ np.vstack([z[:U], Ei])
-        z = z + ris_adj_lambda * (graphs[m] @ np.vstack([Eu, Ei]))
+        G = torch.as_tensor(graphs[m])
+        n = t_l2_rows(ref_transform(P, m, trans, torch.as_tensor(feats[m])))
+        z = adj @ torch.cat([Eu, n])
+        z = z + adj @ torch.cat([z[:U], Ei])
+        z = z + ris_adj_lambda * (G @ torch.cat([Eu, Ei]))
         H0 = H0 + w[k] * z
-        v = graphs[m] @ np.vstack([Eu, n])
-        total, cur = v.copy(), v
+        v = G @ torch.cat([Eu, n])
+        total, cur = v, v
         for _ in range(gnn_layer):
             cur = adj @ cur
             total = total + cur
         views.append((total[:U], total[U:]))
-    H, cur = H0.copy(), H0
+    H, cur = H0, H0
     for _ in range(gnn_layer):
         cur = adj @ cur
         H = H + cur
-    H = H + ris_lambda * l2_rows(H0)
+    H = H + ris_lambda * t_l2_rows(H0)
     return H[:U], H[U:], views
+
+
+def ref_forward_np(model, *args):
+    u, i, views = ref_forward(ref_params(model), *args)
+    return u.detach().numpy(), i.detach().numpy(), [(a.detach().numpy(), b.detach().numpy()) for a, b in views]
 
 
 def make_case(n_mod, trans, gnn_layer, U=9, I=11, d=6, seed=0):
@@ -92,10 +104,12 @@ def make_case(n_mod, trans, gnn_layer, U=9, I=11, d=6, seed=0):
     with torch.no_grad():  # random κ so that the softmax matters
         model.modal_weight.copy_(torch.tensor(rng.normal(size=n_mod), dtype=torch.float32))
     feats32 = {m: f.astype(np.float32).astype(np.float64) for m, f in feats.items()}
-    to_t = lambda M: to_torch_csr(sp.csr_matrix(M.astype(np.float32)), CPU)
     adj32 = adj.astype(np.float32).astype(np.float64)
     graphs32 = {m: G.astype(np.float32).astype(np.float64) for m, G in graphs.items()}
-    return model, to_t(adj), {m: to_t(G) for m, G in graphs.items()}, adj32, graphs32, feats32
+    # the graphs as Main builds them: the train graph is symmetric, generated ones are not assumed to be
+    adj_g = Graph(sp.csr_matrix(adj.astype(np.float32)), CPU, symmetric=True)
+    graphs_g = {m: Graph(sp.csr_matrix(G.astype(np.float32)), CPU) for m, G in graphs.items()}
+    return model, adj_g, graphs_g, adj32, graphs32, feats32
 
 
 @pytest.mark.parametrize("n_mod", [1, 2, 3])
@@ -103,7 +117,7 @@ def make_case(n_mod, trans, gnn_layer, U=9, I=11, d=6, seed=0):
 @pytest.mark.parametrize("trans", [0, 1, 2])
 def test_forward_matches_dense_reference(trans, gnn_layer, n_mod):
     model, adj_t, graphs_t, adj, graphs, feats = make_case(n_mod, trans, gnn_layer, seed=trans * 10 + gnn_layer + n_mod)
-    ref_u, ref_i, ref_views = ref_forward(model, adj, graphs, feats, trans, gnn_layer, 0.5, 0.2)
+    ref_u, ref_i, ref_views = ref_forward_np(model, adj, graphs, feats, trans, gnn_layer, 0.5, 0.2)
     u, i, views = model(adj_t, graphs_t, with_views=False)
     assert views == []
     np.testing.assert_allclose(np64(u), ref_u, rtol=1e-5, atol=1e-5)
@@ -121,19 +135,34 @@ def test_forward_matches_dense_reference(trans, gnn_layer, n_mod):
 def test_forward_uses_ris_lambdas():
     model, adj_t, graphs_t, adj, graphs, feats = make_case(2, 0, 1, seed=3)
     model.ris_lambda, model.ris_adj_lambda = 1.7, 0.9
-    ref_u, ref_i, _ = ref_forward(model, adj, graphs, feats, 0, 1, 1.7, 0.9)
+    ref_u, ref_i, _ = ref_forward_np(model, adj, graphs, feats, 0, 1, 1.7, 0.9)
     u, i, _ = model(adj_t, graphs_t)
     np.testing.assert_allclose(np64(u), ref_u, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np64(i), ref_i, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_reach_every_parameter():
-    model, adj_t, graphs_t, *_ = make_case(3, 2, 2, seed=5)
-    u, i, views = model(adj_t, graphs_t, with_views=True)
-    loss = u.square().sum() + i.square().sum() + sum(a.sum() + b.sum() for a, b in views)
-    loss.backward()
+@pytest.mark.parametrize("trans,gnn_layer,n_mod", [(2, 2, 3), (0, 1, 2), (1, 2, 1)])
+def test_gradients_match_dense_reference(trans, gnn_layer, n_mod):
+    """The sparse products' backward (non-symmetric generated graphs included) against dense autograd."""
+    model, adj_t, graphs_t, adj, graphs, feats = make_case(n_mod, trans, gnn_layer, seed=7 + n_mod)
+    g = torch.Generator().manual_seed(0)
+    U, I, d = 9, 11, 6
+    cu, ci = torch.randn(U, d, generator=g), torch.randn(I, d, generator=g)
+    cv = [(torch.randn(U, d, generator=g), torch.randn(I, d, generator=g)) for _ in range(n_mod)]
+
+    def scalar(u, i, views):
+        out = (u * cu.to(u.dtype)).sum() + (i * ci.to(i.dtype)).sum()
+        for (a, b), (ca, cb) in zip(views, cv):
+            out = out + (a * ca.to(a.dtype)).sum() + (b * cb.to(b.dtype)).sum()
+        return out
+
+    scalar(*model(adj_t, graphs_t, with_views=True)).backward()
+    P = ref_params(model)
+    scalar(*ref_forward(P, adj, graphs, feats, trans, gnn_layer, 0.5, 0.2)).backward()
     for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad is not None, name
+        np.testing.assert_allclose(p.grad.double().numpy(), P[name].grad.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("n_mod", [1, 2, 3])
@@ -189,6 +218,25 @@ def test_info_nce_explicit_loop(temp):
     assert abs(got - batch_only) > 1e-3
     # not symmetric in the anchor
     assert info_nce(Y, X, nodes, temp).item() == pytest.approx(ref_info_nce(Y, X, nodes.tolist(), temp), rel=1e-5)
+
+
+@pytest.mark.parametrize("temp", [0.5, 0.1])
+def test_info_nce_gradient(temp):
+    """Gradients w.r.t. both inputs against autograd of the explicit float64 formula."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(12, 5, generator=g, requires_grad=True)
+    Y = torch.randn(12, 5, generator=g, requires_grad=True)
+    nodes = torch.tensor([1, 1, 5, 11, 0])
+    info_nce(X, Y, nodes, temp).backward()
+    X64, Y64 = X.detach().double().requires_grad_(), Y.detach().double().requires_grad_()
+    x, y = t_l2_rows(X64), t_l2_rows(Y64)
+    terms = []
+    for n in nodes.tolist():
+        logits = torch.stack([x[n] @ y[v] / temp for v in range(12)])
+        terms.append(-(logits[n] - torch.log(torch.exp(logits).sum())))
+    torch.stack(terms).mean().backward()
+    np.testing.assert_allclose(X.grad.double().numpy(), X64.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(Y.grad.double().numpy(), Y64.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def _views(n_mod, U=10, I=8, d=5, seed=1):

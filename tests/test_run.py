@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import Main
-from conftest import SHARED, require_shared
+from conftest import SHARED, hand_made, require_shared, tiny_args, write_dataset
 
 PHASES = ("denoiser", "rebuild", "negatives", "recommender", "evaluation")
 
@@ -117,6 +117,51 @@ def test_patience_stops_early(gen_dir, tmp_path, patience, epochs_run):
     assert len({r["val"]["Recall@20"] for r in recs}) == 1
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == epochs_run
     assert not (out / "best_model.pt").exists()
+
+
+@pytest.fixture
+def tiny3(tmp_path):
+    data_dir = tmp_path / "data"
+    write_dataset(data_dir / "tiny", *hand_made(modalities=("image", "text", "audio")))
+    return data_dir
+
+
+@pytest.mark.parametrize("extra", [
+    ["--trans", "2", "--cl_method", "1", "--gnn_layer", "2"],       # trans 2 with audio crashed for the authors
+    ["--sampling_steps", "2", "--sampling_noise", "true", "--norm", "true", "--rebuild_k", "3"],
+    ["--noise_scale", "0"],                                           # crashed for the authors
+    ["--ssl_reg", "0", "--keepRate", "1", "--eval_graph", "full"],
+    ["--modalities", "audio"],
+], ids=lambda extra: " ".join(extra))
+def test_option_combinations_run(tiny3, tmp_path, extra):
+    out = tmp_path / "out"
+    assert Main.main(tiny_args(tiny3, out, "--epoch", "2", "--batch", "10", *extra)) == 0
+    recs = records(out)
+    assert len(recs) == 2
+    for r in recs:
+        assert all(np.isfinite(v) for v in r["loss"].values())
+        assert all(np.isfinite(v) for v in r["denoiser_loss"].values())
+        assert all(0 <= v <= 1 for v in r["test"].values())
+    if "--ssl_reg" in extra or "--modalities" in extra:   # cl_method 0 with one modality: no pair
+        assert all(r["loss"]["cl"] == 0 for r in recs)
+    else:
+        assert all(r["loss"]["cl"] > 0 for r in recs)
+
+
+def test_tst_epoch_evaluates_every_n_and_the_last(tiny3, tmp_path):
+    out = tmp_path / "out"
+    assert Main.main(tiny_args(tiny3, out, "--epoch", "4", "--tstEpoch", "2")) == 0
+    assert ["test" in r for r in records(out)] == [True, False, True, True]
+    assert json.loads((out / "summary.json").read_text())["evaluations"] == 3
+
+
+def test_precision_bf16_runs_on_cpu(tiny3, tmp_path, capsys):
+    """--precision bf16 is documented as working on CPU ('CPU AMX or CUDA tensor cores'); the sparse
+    graph products have no bf16 CPU kernel, so they must stay fp32 under autocast."""
+    out = tmp_path / "out"
+    code = Main.main(tiny_args(tiny3, out, "--precision", "bf16", "--device", "cpu"))
+    assert code == 0
+    assert all(np.isfinite(v) for v in records(out)[0]["loss"].values())
 
 
 # ------------------------------------------------------------------------------------------------

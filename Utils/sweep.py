@@ -1,0 +1,195 @@
+"""Grid sweeps over Main.py flags with several seeds (paper Table 4, Figure 3, Figure 4).
+
+    python -m Utils.sweep --grid "temp=0.1,0.5,1.0 ssl_reg=1,0.1,0.01" --seeds 421,422 --sweep_dir runs/t4 \
+        --data tiktok --reg 1e-4 --epoch 50 --trans 1 --e_loss 0.1 --cl_method 1
+
+Every grid cell x seed is an ordinary run folder, DIR/<flag=value_flag=value>/seed<k>/, made by Main.run
+with the remaining flags plus the cell's values; a run whose summary.json exists is skipped (so an
+interrupted sweep resumes; a folder without summary.json is an unfinished run and is redone). Then
+DIR/table.md and DIR/table.csv give, per cell, the mean ± std over seeds (sample std, 0 for one
+seed) of the validation protocol's test Recall/NDCG/Precision@topk and validation Recall@topk, and
+DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("diffmm")
+FORBIDDEN = ("seed", "out_dir")
+METRICS = ("Recall", "NDCG", "Precision")
+
+
+def parse_grid(tokens: Sequence[str]) -> Dict[str, List[str]]:
+    """'temp=0.1,0.5 ssl_reg=1,0.1' (one string or several) -> {'temp': ['0.1', '0.5'], 'ssl_reg': ['1', '0.1']}."""
+    from Params import build_parser
+
+    known = {opt.lstrip("-") for action in build_parser()._actions for opt in action.option_strings}
+    grid: Dict[str, List[str]] = {}
+    for token in " ".join(tokens).split():
+        name, sep, values = token.partition("=")
+        name = name.lstrip("-")
+        if not sep or not values:
+            raise ValueError(f"grid entry {token!r} is not flag=value1,value2,...")
+        if name not in known:
+            raise ValueError(f"grid flag {name!r} is not a Main.py flag")
+        if name in FORBIDDEN:
+            raise ValueError(f"grid flag {name!r} is set by the sweep itself (use --seeds / --sweep_dir)")
+        if name in grid:
+            raise ValueError(f"grid flag {name!r} is given twice")
+        grid[name] = [v for v in values.split(",") if v]
+    return grid
+
+
+def cells(grid: Dict[str, List[str]]) -> List[Dict[str, str]]:
+    """Every combination of the grid's values, the first flag varying slowest."""
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def cell_name(cell: Dict[str, str]) -> str:
+    """Folder name of a cell: 'temp=0.1_ssl_reg=1' ('base' for an empty grid)."""
+    safe = lambda v: v.replace("/", "-").replace(" ", "")  # noqa: E731
+    return "_".join(f"{k}={safe(v)}" for k, v in cell.items()) or "base"
+
+
+def cell_argv(cell: Dict[str, str]) -> List[str]:
+    return [item for k, v in cell.items() for item in (f"--{k}", v)]
+
+
+def run_dir_of(sweep_dir: Path, cell: Dict[str, str], seed: int) -> Path:
+    return Path(sweep_dir) / cell_name(cell) / f"seed{seed}"
+
+
+def sweep(grid: Dict[str, List[str]], seeds: Sequence[int], sweep_dir: Path, base_argv: Sequence[str] = ()) -> dict:
+    """Run every missing cell x seed, then write the tables and the figure; returns what ran and the rows."""
+    import Main
+    from Params import parse_args
+    from Utils.helpers import setup_logging
+
+    sweep_dir = Path(sweep_dir)
+    plan = [(cell, seed) for cell in cells(grid) for seed in seeds]
+    # parse every command line first, so a bad value fails before hours of training
+    parsed = {(cell_name(cell), seed): parse_args(list(base_argv) + cell_argv(cell) +
+                                                  ["--seed", str(seed), "--out_dir", str(run_dir_of(sweep_dir, cell, seed))])
+              for cell, seed in plan}
+    ran, skipped = [], []
+    for i, (cell, seed) in enumerate(plan):
+        run_dir = run_dir_of(sweep_dir, cell, seed)
+        if (run_dir / "summary.json").is_file():
+            skipped.append(str(run_dir))
+            continue
+        if run_dir.exists():
+            log.info(f"removing the unfinished run folder {run_dir} (no summary.json) to run it again")
+            shutil.rmtree(run_dir)
+        args = parsed[(cell_name(cell), seed)]
+        log.info(f"sweep run {i + 1}/{len(plan)}: {cell_name(cell)} seed {seed} -> {run_dir}")
+        Main.run(args)
+        setup_logging(None, args.quiet)
+        ran.append(str(run_dir))
+    rows = summarise(sweep_dir, grid, seeds)
+    written = write_tables(rows, list(grid), sweep_dir)
+    log.info(f"sweep: {len(ran)} runs done, {len(skipped)} already there; wrote {', '.join(map(str, written))}")
+    return {"ran": ran, "skipped": skipped, "rows": rows, "files": written}
+
+
+def _mean_std(values: List[float]) -> tuple:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(sweep_dir: Path, grid: Dict[str, List[str]], seeds: Sequence[int]) -> List[dict]:
+    """One row per cell: flag values, seeds, K, and mean/std over seeds of the validation protocol's metrics."""
+    rows = []
+    for cell in cells(grid):
+        summaries = [json.loads((run_dir_of(sweep_dir, cell, s) / "summary.json").read_text()) for s in seeds]
+        k = summaries[0]["config"]["topk"]
+        row: dict = dict(cell)
+        row["seeds"] = len(summaries)
+        row["k"] = k
+        row["epoch_mean"] = float(np.mean([s["protocols"]["validation"]["epoch"] for s in summaries]))
+        for split, metrics in (("val", ("Recall",)), ("test", METRICS)):
+            for metric in metrics:
+                key = f"{split}_{metric}@{k}"
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(
+                    [s["protocols"]["validation"][split][f"{metric}@{k}"] for s in summaries])
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path) -> List[Path]:
+    """table.csv (every number), table.md (mean ± std) and sweep.png in sweep_dir."""
+    from Utils.figures import sweep_figure
+
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    k = rows[0]["k"] if rows else 20
+    keys = [f"val_Recall@{k}"] + [f"test_{m}@{k}" for m in METRICS]
+    columns = flags + ["seeds", "epoch_mean"] + [f"{key}_{stat}" for key in keys for stat in ("mean", "std")]
+    with open(sweep_dir / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    header = flags + ["seeds"] + [key.replace("_", " ", 1) for key in keys]
+    lines = ["Validation protocol (epoch chosen on validation Recall, test reported there); "
+             "mean ± std over seeds (sample std).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells_ = [str(row[f]) for f in flags] + [str(row["seeds"])]
+        cells_ += [f"{row[f'{key}_mean']:.4f} ± {row[f'{key}_std']:.4f}" for key in keys]
+        lines.append("| " + " | ".join(cells_) + " |")
+    (sweep_dir / "table.md").write_text("\n".join(lines) + "\n")
+    written = [sweep_dir / "table.md", sweep_dir / "table.csv"]
+    if rows:
+        written.append(sweep_figure(rows, flags, k, sweep_dir / "sweep.png"))
+    return written
+
+
+def int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds such as 421,422, got {text!r}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from DataHandler import DataError
+    from Utils.helpers import UsageError, setup_logging
+
+    p = argparse.ArgumentParser(
+        description="Run a grid of Main.py flags x seeds and tabulate it (paper Table 4, Figures 3-4); every "
+                    "other flag is passed to Main.py.", allow_abbrev=False)
+    p.add_argument("--grid", nargs="+", required=True,
+                   help='flags and values, e.g. "temp=0.1,0.5,1.0 ssl_reg=1,0.1,0.01" (paper Table 4), '
+                        '"e_loss=0.01,0.1,0.5" or "ris_lambda=0.1,0.5,1.0" (Figure 3), "fusion_ratio=0,0.5,1" (Figure 4)')
+    p.add_argument("--seeds", default=[421], type=int_list, help="comma-separated seeds, one run each per cell")
+    p.add_argument("--sweep_dir", required=True, type=Path, help="folder of the sweep's runs and tables")
+    args, rest = p.parse_known_args(argv)
+    quiet = "--quiet" in rest
+    setup_logging(None, quiet)
+    for flag in rest:
+        if flag.split("=")[0] in ("--seed", "--out_dir"):
+            log.error(f"error: {flag.split('=')[0]} is set by the sweep; use --seeds and --sweep_dir.")
+            return 2
+    try:
+        grid = parse_grid(args.grid)
+        result = sweep(grid, args.seeds, args.sweep_dir, rest)
+    except ValueError as e:
+        log.error(f"error: {e}")
+        return 2
+    except (DataError, UsageError) as e:
+        log.error(f"error: {e}")
+        return 2
+    print((args.sweep_dir / "table.md").read_text())
+    return 0 if result["rows"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

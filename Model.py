@@ -330,11 +330,9 @@ class Denoiser(nn.Module):
         h = torch.tanh(F.linear(x, first.weight[:, :n_items]) + F.linear(emb, first.weight[:, n_items:], first.bias))
         for layer in self.in_layers[1:]:
             h = torch.tanh(layer(h))
-        for i, layer in enumerate(self.out_layers):
-            h = layer(h)
-            if i != len(self.out_layers) - 1:
-                h = torch.tanh(h)
-        return h
+        for layer in self.out_layers[:-1]:
+            h = torch.tanh(layer(h))
+        return self.out_layers[-1](h)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,6 +199,24 @@ def test_denoiser_forward_matches_hand_mlp(dims, norm):
     np.testing.assert_allclose(den(x, steps, mess_dropout=False).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_items", [20, 64, 130])
+def test_denoiser_gradients_match_plain_layers(n_items):
+    """The first layer split in two products gives the values and gradients of one nn.Linear on [x ; emb]."""
+    torch.manual_seed(2)
+    den = Denoiser(n_items, [16], 6, norm=False)
+    x = torch.rand(7, n_items)
+    steps = torch.randint(0, 5, (7,))
+    target = torch.rand(7, n_items)
+    ((den(x, steps, mess_dropout=False) - target) ** 2).sum().backward()
+    got = {n: p.grad.clone() for n, p in den.named_parameters()}
+    den.zero_grad()
+    emb = den.emb_layer(step_embedding(steps, 6))
+    plain = den.out_layers[0](torch.tanh(den.in_layers[0](torch.cat([x, emb], dim=1))))
+    ((plain - target) ** 2).sum().backward()
+    for name, p in den.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_denoiser_dropout_only_in_training_and_only_on_x():
     torch.manual_seed(2)
     den = Denoiser(30, [16], 10, norm=False)

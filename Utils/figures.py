@@ -123,7 +123,8 @@ def ablation_bars(run_dirs: Sequence[Path], out: Path, protocol: str = "validati
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("Recall", "NDCG")):
         values = [[t[f"{metric}@{k}"] for t in by_label[label]] for label in order]
-        ax.bar(order, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], capsize=4,
+        spread = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]  # sample std, as the sweep tables
+        ax.bar(order, [np.mean(v) for v in values], yerr=spread if max(spread) > 0 else None, capsize=4,
                color=["tab:red" if label == "DiffMM" else "tab:gray" for label in order])
         ax.set(title=f"test {metric}@{k} ({protocol} protocol)", ylabel=f"{metric}@{k}")
     fig.suptitle("ablation (paper Table 3)")
@@ -236,7 +237,8 @@ def sweep_figure(rows: Sequence[dict], flags: Sequence[str], k: int, out: Path) 
         for r in rows:
             i, j = a_vals.index(r[flags[0]]), b_vals.index(r[flags[1]])
             grid[i, j] = r[f"test_{metric}_mean"]
-            text[i][j] = f"{r[f'test_{metric}_mean']:.4f}\n±{r[f'test_{metric}_std']:.4f}"
+            spread = f"\n±{r[f'test_{metric}_std']:.4f}" if r["seeds"] > 1 else ""
+            text[i][j] = f"{r[f'test_{metric}_mean']:.4f}{spread}"
         fig, ax = plt.subplots(figsize=(1.6 * len(b_vals) + 2.5, 1.0 * len(a_vals) + 1.8))
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         for i in range(len(a_vals)):

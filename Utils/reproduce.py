@@ -94,12 +94,13 @@ def comparison(table: int, data: str, sweep_dir: Path, seeds: Sequence[int]) -> 
     from Utils.sweep import cells, run_dir_of
 
     metrics = ("Recall", "NDCG", "Precision") if table == 2 else ("Recall", "NDCG")
-    header = (["setting"] + [f"paper {m}@20" for m in metrics] + [f"ours {m}@K (paper protocol)" for m in metrics]
-              + [f"ours {m}@K (validation protocol)" for m in metrics])
+    all_summaries = [[json.loads((run_dir_of(sweep_dir, cell, s) / "summary.json").read_text()) for s in seeds]
+                     for cell in cells(GRIDS[table])]
+    k = all_summaries[0][0]["config"]["topk"]
+    header = (["setting"] + [f"paper {m}@20" for m in metrics] + [f"ours {m}@{k} (paper protocol)" for m in metrics]
+              + [f"ours {m}@{k} (validation protocol)" for m in metrics])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for cell in cells(GRIDS[table]):
-        summaries = [json.loads((run_dir_of(sweep_dir, cell, s) / "summary.json").read_text()) for s in seeds]
-        k = summaries[0]["config"]["topk"]
+    for cell, summaries in zip(cells(GRIDS[table]), all_summaries):
         row = [cell_label(table, cell)] + [f"{v:.4f}" for v in paper_values(table, data, cell)]
         for protocol in ("paper", "validation"):
             for m in metrics:

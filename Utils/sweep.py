@@ -6,7 +6,7 @@
 Every grid cell x seed is an ordinary run folder, DIR/<flag=value_flag=value>/seed<k>/, made by Main.run
 with the remaining flags plus the cell's values; a run whose summary.json exists is skipped (so an
 interrupted sweep resumes; a folder without summary.json is an unfinished run and is redone). Then
-DIR/table.md and DIR/table.csv give, per cell, the mean ± std over seeds (sample std, 0 for one
+DIR/table.md and DIR/table.csv give, per cell, the mean ± std over seeds (sample std; in the CSV 0 for one
 seed) of the validation protocol's test Recall/NDCG/Precision@topk and validation Recall@topk, and
 DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise).
 """
@@ -139,11 +139,13 @@ def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path) -> List[Pa
         writer.writerows(rows)
     header = flags + ["seeds"] + [key.replace("_", " ", 1) for key in keys]
     lines = ["Validation protocol (epoch chosen on validation Recall, test reported there); "
-             "mean ± std over seeds (sample std).", "",
+             "mean ± std over seeds (sample std; the value alone for one seed).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells_ = [str(row[f]) for f in flags] + [str(row["seeds"])]
-        cells_ += [f"{row[f'{key}_mean']:.4f} ± {row[f'{key}_std']:.4f}" for key in keys]
+        # one seed has no spread: print the value alone rather than a misleading "± 0"
+        cells_ += [f"{row[f'{key}_mean']:.4f}" + (f" ± {row[f'{key}_std']:.4f}" if row["seeds"] > 1 else "")
+                   for key in keys]
         lines.append("| " + " | ".join(cells_) + " |")
     (sweep_dir / "table.md").write_text("\n".join(lines) + "\n")
     written = [sweep_dir / "table.md", sweep_dir / "table.csv"]

@@ -270,9 +270,8 @@ def test_every_figure_function_writes_a_png(tiny_runs, tmp_path):
     assert is_png(figures.group_bars(full, tmp_path / "groups.png"))
     assert is_png(figures.ablation_bars([full, no_cl], tmp_path / "ablation.png"))
     assert is_png(figures.case_study(full, tmp_path / "case.png", modality="text", n_users=2))
-    rows = [{"temp": t, "ssl_reg": s, **{f"{k}_{stat}": 0.1 for k in ("val_Recall@20", "test_Recall@20",
-                                                                         "test_NDCG@20") for stat in ("mean", "std")}}
-            for t in ("0.1", "0.5") for s in ("1", "0.1")]
+    stats = {f"{k}_{stat}": 0.1 for k in ("val_Recall@20", "test_Recall@20", "test_NDCG@20") for stat in ("mean", "std")}
+    rows = [{"temp": t, "ssl_reg": s, "seeds": 2, **stats} for t in ("0.1", "0.5") for s in ("1", "0.1")]
     assert is_png(figures.sweep_figure(rows, ["temp", "ssl_reg"], 20, tmp_path / "heat.png"))
     assert is_png(figures.sweep_figure(rows[:2], ["ssl_reg"], 20, tmp_path / "lines.png"))
     assert figures.main([str(full), str(no_cl), "--out", str(tmp_path / "cli_ablation.png")]) == 0

@@ -155,14 +155,15 @@ def generate_top_items(tr: Trainer, denoiser: torch.nn.Module, modality: Optiona
                                      dim=1).indices
                           for rows in user_batches(tr.data.n_users, tr.args.batch, False)])
     denoiser.eval()
-    tops = []
+    # one buffer for all users: per-batch results kept between the batch x items tensors fragment the heap
+    top = torch.empty(tr.data.n_users, tr.args.rebuild_k, dtype=torch.long, device=tr.device)
     for rows in tr.progress(user_batches(tr.data.n_users, tr.args.batch, False), "rebuild"):
         x0 = dense_rows(tr.data.train, rows, tr.device)
         with tr.autocast():
             denoised = tr.diffusion.p_sample(denoiser, x0, tr.args.sampling_steps, tr.args.sampling_noise)
-        tops.append(torch.topk(denoised, tr.args.rebuild_k, dim=1).indices)
+        top[torch.from_numpy(rows).to(tr.device)] = torch.topk(denoised, tr.args.rebuild_k, dim=1).indices
     denoiser.train()
-    return torch.cat(tops)
+    return top
 
 
 def fused_view_graph(train: sp.csr_matrix, top: np.ndarray, ratio: float, train_keep: float, keep_rate: float,

@@ -46,7 +46,10 @@ def per_user_metrics(user_vec: torch.Tensor, item_vec: torch.Tensor, train: sp.c
     users = evaluated_users(heldout)
     device, k_max = user_vec.device, max(topks)
     k_max = min(k_max, item_vec.shape[0])
-    chunks: Dict[str, list] = {}
+    # Results go into buffers allocated once: small per-batch tensors kept alive between the large
+    # batch x items ones fragment the CPU heap (+4 GB over 140k users of a 50k-item dataset).
+    names = [f"{metric}@{k}" for k in topks for metric in ("Recall", "Precision", "NDCG")]
+    out = {name: torch.empty(len(users), device=device) for name in names}
     for start in range(0, len(users), batch):
         rows = users[start:start + batch]
         scores = user_vec[torch.from_numpy(rows).to(device)].float() @ item_vec.float().T
@@ -55,8 +58,8 @@ def per_user_metrics(user_vec: torch.Tensor, item_vec: torch.Tensor, train: sp.c
         truth = dense_rows(heldout, rows, device)
         hits = torch.gather(truth, 1, top)
         for name, value in hit_metrics(hits, truth.sum(1), topks).items():
-            chunks.setdefault(name, []).append(value)
-    return users, {name: torch.cat(values).cpu().numpy() for name, values in chunks.items()}
+            out[name][start:start + len(rows)] = value
+    return users, {name: values.cpu().numpy() for name, values in out.items()}
 
 
 def evaluate(user_vec: torch.Tensor, item_vec: torch.Tensor, train: sp.csr_matrix, heldout: sp.csr_matrix,

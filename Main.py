@@ -147,21 +147,20 @@ def generate_top_items(tr: Trainer, denoiser: torch.nn.Module, modality: Optiona
     With a VGAE (--ablation no_dm; `modality` names its features): every user's top rebuild_k items
     by the decoder score σ(z_u · z_i), z = μ of the encoder.
     """
-    if isinstance(denoiser, VGAE):
-        denoiser.eval()
-        user_z, item_z = denoiser.embeddings(tr.adj, tr.model.user_emb.detach(), tr.model.modal_features()[modality])
-        denoiser.train()
-        return torch.cat([torch.topk(user_z[torch.from_numpy(rows).to(tr.device)] @ item_z.T, tr.args.rebuild_k,
-                                     dim=1).indices
-                          for rows in user_batches(tr.data.n_users, tr.args.batch, False)])
     denoiser.eval()
+    if isinstance(denoiser, VGAE):
+        user_z, item_z = denoiser.embeddings(tr.adj, tr.model.user_emb.detach(), tr.model.modal_features()[modality])
     # one buffer for all users: per-batch results kept between the batch x items tensors fragment the heap
     top = torch.empty(tr.data.n_users, tr.args.rebuild_k, dtype=torch.long, device=tr.device)
     for rows in tr.progress(user_batches(tr.data.n_users, tr.args.batch, False), "rebuild"):
-        x0 = dense_rows(tr.data.train, rows, tr.device)
-        with tr.autocast():
-            denoised = tr.diffusion.p_sample(denoiser, x0, tr.args.sampling_steps, tr.args.sampling_noise)
-        top[torch.from_numpy(rows).to(tr.device)] = torch.topk(denoised, tr.args.rebuild_k, dim=1).indices
+        idx = torch.from_numpy(rows).to(tr.device)
+        if isinstance(denoiser, VGAE):
+            scores = user_z[idx] @ item_z.T
+        else:
+            with tr.autocast():
+                scores = tr.diffusion.p_sample(denoiser, dense_rows(tr.data.train, rows, tr.device),
+                                               tr.args.sampling_steps, tr.args.sampling_noise)
+        top[idx] = torch.topk(scores, tr.args.rebuild_k, dim=1).indices
     denoiser.train()
     return top
 

@@ -1,4 +1,4 @@
-"""Files to tensors: the split matrices, the modality features, the normalised graphs (SPEC §1-§2).
+"""Files to arrays: the split matrices, the modality features, the normalised graphs, batches and negatives.
 
 Nothing here ever builds a dense users x items matrix: the train matrix stays CSR and user rows are
 densified one batch at a time (`dense_rows`).
@@ -137,8 +137,12 @@ def available_datasets(data_dir: Path) -> List[str]:
     return sorted(p.name for p in data_dir.glob("*") if (p / "trnMat.pkl").is_file())
 
 
-def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = None) -> Data:
-    """Read `<data_dir>/<name>/`: the three splits and the feature file of every chosen modality."""
+def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = None,
+              needs_features: bool = True) -> Data:
+    """Read `<data_dir>/<name>/`: the three splits and the feature file of every chosen modality.
+
+    `needs_features=False` (a model that uses no item features): no feature file is read or required.
+    """
     folder = data_dir / name
     if not folder.is_dir():
         found = ", ".join(available_datasets(data_dir)) or "none"
@@ -155,6 +159,8 @@ def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = N
         raise DataError(f"{folder / 'valMat.pkl'} holds no interaction, so the validation protocol cannot select "
                         f"an epoch; put held-out interactions in it (the released datasets have them).")
 
+    if not needs_features:
+        return Data(name=name, train=train, val=val, test=test)
     files = feature_files(folder)
     if modalities:
         missing = [m for m in modalities if m not in files]
@@ -163,14 +169,14 @@ def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = N
                             f"{', '.join(files) or 'none'}); expected <modality>_feat.npy or .npy.zip.")
         files = {m: files[m] for m in sorted(modalities, key=modality_rank)}
     if not files:
-        raise DataError(f"no feature file in {folder}: DiffMM needs at least one <modality>_feat.npy "
+        raise DataError(f"no feature file in {folder}: this model needs at least one <modality>_feat.npy "
                         f"(image_feat.npy, text_feat.npy, audio_feat.npy); {RELEASED_DATA_HINT}.")
     features = {m: load_features(path, train.shape[1]) for m, path in files.items()}
     return Data(name=name, train=train, val=val, test=test, features=features)
 
 
 # ---------------------------------------------------------------------------------------------
-# Graphs (SPEC §2)
+# Graphs
 # ---------------------------------------------------------------------------------------------
 
 def normalized_graph(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
@@ -191,20 +197,21 @@ def normalized_graph(users: np.ndarray, items: np.ndarray, n_users: int, n_items
 
 
 def train_graph(train: sp.csr_matrix) -> sp.csr_matrix:
-    """`adj` of SPEC §2: the normalised graph of the train matrix."""
+    """DiffMM's `adj`: the normalised graph (with self-loops) of the train matrix."""
     coo = train.tocoo()
     return normalized_graph(coo.row, coo.col, *train.shape)
 
 
-def to_torch_csr(matrix: sp.csr_matrix, device: torch.device) -> torch.Tensor:
-    """A scipy CSR matrix as a torch sparse CSR tensor (float32, int64 indices) on `device`."""
-    matrix = matrix.tocsr()
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(matrix.indptr.astype(np.int64)),
-        torch.from_numpy(matrix.indices.astype(np.int64)),
-        torch.from_numpy(matrix.data.astype(np.float32)),
-        size=matrix.shape, device=device, check_invariants=False,
-    )
+def symmetric_graph(train: sp.csr_matrix) -> sp.csr_matrix:
+    """MMRec's Â = D^-1/2 A D^-1/2 with A = [[0, R], [Rᵀ, 0]], **no self-loops**, D = row sums + 1e-7.
+
+    The graph of LightGCN, BM3, FREEDOM and LGMRec in MMRec (e.g. models/lightgcn.py); not DiffMM's `adj`.
+    """
+    r = (train != 0).astype(np.float32)
+    a = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32)
+    d_inv_sqrt = ((np.asarray(a.sum(axis=1)).ravel() + 1e-7) ** -0.5).astype(np.float32)
+    d = sp.diags(d_inv_sqrt)
+    return (d @ a @ d).tocsr().astype(np.float32)
 
 
 def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -213,8 +220,14 @@ def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Training pairs and negatives (SPEC §6.3)
+# Batches, training pairs and negatives
 # ---------------------------------------------------------------------------------------------
+
+def user_batches(n: int, batch: int, shuffle: bool) -> List[np.ndarray]:
+    """Index batches of size `batch` over range(n), shuffled with torch's seeded generator when asked."""
+    order = torch.randperm(n).numpy() if shuffle else np.arange(n)
+    return [order[i:i + batch] for i in range(0, n, batch)]
+
 
 def train_pairs(train: sp.csr_matrix) -> tuple:
     """(users, items) of every train interaction, in row-major order."""
@@ -224,16 +237,23 @@ def train_pairs(train: sp.csr_matrix) -> tuple:
 
 
 def sample_negatives(train: sp.csr_matrix, users: np.ndarray, rng: np.random.Generator,
-                     max_rounds: int = 1000) -> np.ndarray:
+                     max_rounds: int = 1000, candidates: Optional[np.ndarray] = None) -> np.ndarray:
     """One negative per pair, uniform over the items the user has not interacted with in train.
 
-    Rejection sampling done for all pairs at once: draw, find the draws that hit a train item (a
-    binary search in the sorted user*I+item keys), redraw only those, until none is left.
+    `candidates`: draw only among these items (MMRec draws among the items that occur in train);
+    None: among all items (DiffMM). Rejection sampling done for all pairs at once: draw, find the
+    draws that hit a train item (a binary search in the sorted user*I+item keys), redraw only those.
     """
     n_items = train.shape[1]
     coo = train.tocoo()
     keys = np.sort(coo.row.astype(np.int64) * n_items + coo.col)
-    negatives = rng.integers(0, n_items, size=len(users))
+
+    def draw(size: int) -> np.ndarray:
+        if candidates is None:
+            return rng.integers(0, n_items, size=size)
+        return candidates[rng.integers(0, len(candidates), size=size)]
+
+    negatives = draw(len(users))
     todo = np.arange(len(users))
     for _ in range(max_rounds):
         query = users[todo] * n_items + negatives[todo]
@@ -242,7 +262,7 @@ def sample_negatives(train: sp.csr_matrix, users: np.ndarray, rng: np.random.Gen
         todo = todo[hit]
         if len(todo) == 0:
             return negatives
-        negatives[todo] = rng.integers(0, n_items, size=len(todo))
+        negatives[todo] = draw(len(todo))
     full = np.unique(users[todo])
     raise DataError(f"cannot sample a negative item for users {full[:5].tolist()}: they interacted with "
                     f"(nearly) every item in the train matrix.")

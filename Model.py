@@ -1,12 +1,14 @@
-"""DiffMM's three parts: the multi-modal recommender, the denoiser, the Gaussian diffusion (SPEC §3-§5).
+"""DiffMM (Jiang et al., ACM MM 2024): the multi-modal recommender, the denoiser, the Gaussian diffusion,
+and `DiffMM`, the model the harness trains (one epoch: denoisers, graph rebuild, negatives, recommender).
 
-Graphs are `Graph` objects: a torch sparse CSR matrix and its transpose, so that products with them
-are differentiable in the dense argument at the cost of one more sparse product.
+Equation numbers are the paper's. Where the default follows the authors' code rather than an equation,
+the README's table "Where the default follows the authors' code" says how and why.
 """
 from __future__ import annotations
 
+import argparse
 import math
-import warnings
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -15,52 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+from DataHandler import Data, dense_rows, normalized_graph, sample_negatives, train_graph, train_pairs, user_batches
+from Models.base import RecModel
+from Utils.helpers import PhaseTimer
+from Utils.layers import Graph, bpr_loss, info_nce, propagate
 
 Views = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
-class _SparseMatmul(torch.autograd.Function):
-    """A @ X with the gradient Aᵀ @ G from a precomputed Aᵀ (torch's own CSR backward re-sorts A each call)."""
-
-    @staticmethod
-    def forward(ctx, matrix: torch.Tensor, matrix_t: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        ctx.matrix_t = matrix_t
-        with torch.autocast(dense.device.type, enabled=False):  # sparse products stay fp32
-            return torch.sparse.mm(matrix, dense.float())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        with torch.autocast(grad.device.type, enabled=False):
-            return None, None, torch.sparse.mm(ctx.matrix_t, grad.float())
-
-
-class Graph:
-    """A sparse square graph on the U+I nodes; `graph @ dense` is differentiable in `dense`."""
-
-    def __init__(self, matrix: sp.csr_matrix, device: torch.device, symmetric: bool = False):
-        self.shape = matrix.shape
-        self.nnz = matrix.nnz
-        self.matrix = _torch_csr(matrix, device)
-        self.matrix_t = self.matrix if symmetric else _torch_csr(matrix.T.tocsr(), device)
-
-    def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
-        return _SparseMatmul.apply(self.matrix, self.matrix_t, dense)
-
-    def to_dense(self) -> torch.Tensor:
-        return self.matrix.to_dense()
-
-
-def _torch_csr(matrix: sp.csr_matrix, device: torch.device) -> torch.Tensor:
-    matrix = matrix.tocsr()
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int64)),
-        torch.from_numpy(matrix.data.astype(np.float32)), size=matrix.shape, device=device,
-        check_invariants=False)
-
-
 # ---------------------------------------------------------------------------------------------
-# Recommender (SPEC §3)
+# Recommender (Eq. 15-23)
 # ---------------------------------------------------------------------------------------------
 
 class FeatureTransform(nn.Module):
@@ -108,13 +74,6 @@ class Recommender(nn.Module):
     def reg_loss(self) -> torch.Tensor:
         return self.user_emb.square().sum() + self.item_emb.square().sum()
 
-    def _propagate(self, adj: Graph, x: torch.Tensor) -> torch.Tensor:
-        """Σ_{l=0..L} adj^l x: sum-pooled LightGCN propagation on the train graph."""
-        layers = [x]
-        for _ in range(self.gnn_layer):
-            layers.append(adj @ layers[-1])
-        return torch.stack(layers).sum(0)
-
     def forward(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False,
                 view_graphs: Optional[Dict[str, Graph]] = None) -> Tuple[torch.Tensor, torch.Tensor, Views]:
         """Main-view user and item vectors (`forward_MM`), plus the contrastive views (`forward_cl_MM`).
@@ -148,62 +107,15 @@ class Recommender(nn.Module):
                 z = z + self.ris_adj_lambda * (modal_graphs[m] @ id_nodes)
             fused = fused + weights[k] * z
 
-        pooled = self._propagate(adj, torch.cat([fused] + view_inputs, dim=1))
+        pooled = propagate(adj, torch.cat([fused] + view_inputs, dim=1), self.gnn_layer, "sum")
         main = pooled[:, :d] + self.ris_lambda * F.normalize(fused)
         views = [(v[: self.n_users], v[self.n_users:]) for v in pooled[:, d:].split(d, dim=1)] if with_views else []
         return main[: self.n_users], main[self.n_users:], views
 
 
-def bpr_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, users: torch.Tensor, positives: torch.Tensor,
-             negatives: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """-Σ log σ(s(u, pos) - s(u, neg)) / batch_size (the configured size, as the authors divide)."""
-    u = user_vec[users]
-    diff = (u * item_vec[positives]).sum(-1) - (u * item_vec[negatives]).sum(-1)
-    return -F.logsigmoid(diff).sum() / batch_size
-
-
-def info_nce(anchor: torch.Tensor, other: torch.Tensor, nodes: torch.Tensor, temp: float) -> torch.Tensor:
-    """InfoNCE (Eq. 21): for each batch node n, -log(exp(x_n·y_n/τ) / Σ_v exp(x_n·y_v/τ)), averaged.
-
-    Rows are L2-normalised; the denominator runs over every row v of `other` (all users or all
-    items), not only the batch; duplicate nodes in the batch count each time.
-    """
-    # A node's term depends only on the node: compute it once per distinct node, count it per occurrence.
-    unique, occurrence = torch.unique(nodes, return_inverse=True)
-    x = F.normalize(anchor[unique])
-    y = F.normalize(other)
-    positive = (x * y[unique]).sum(-1) / temp
-    return (_LogSumExpLogits.apply(x, y, temp) - positive)[occurrence].mean()
-
-
-class _LogSumExpLogits(torch.autograd.Function):
-    """logsumexp_v(x_n · y_v / τ) for every row n, with one batch x N buffer and no pass over it in backward.
-
-    Same value and gradient as `torch.logsumexp(x @ y.T / temp, 1)` in a third fewer passes over the
-    batch x N logits, which dominate the recommender's step (N = all users or all items): the softmax
-    is one fused kernel, the logsumexp is read off it at the row maximum (max - log p_max), and the
-    backward scales the small factors (rows of x and of the result) instead of the big matrix.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, temp: float) -> torch.Tensor:
-        logits = (x / temp) @ y.T
-        row_max, argmax = logits.max(dim=1, keepdim=True)
-        probs = torch.softmax(logits, dim=1)
-        ctx.save_for_backward(x, y, probs)
-        ctx.temp = temp
-        return (row_max - probs.gather(1, argmax).log()).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, y, probs = ctx.saved_tensors
-        scale = (grad / ctx.temp)[:, None]
-        return (probs @ y) * scale, probs.T @ (x * scale), None
-
-
 def contrastive_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, views: Views, users: torch.Tensor,
                      positives: torch.Tensor, cl_method: int, temp: float) -> torch.Tensor:
-    """Cross-modal contrastive loss before the λ1 (ssl_reg) factor (SPEC §4).
+    """Cross-modal contrastive loss before the λ1 (ssl_reg) factor (Eq. 18-19).
 
     cl_method 0: every unordered pair of modality views; cl_method 1: the main view against each view.
     """
@@ -276,7 +188,7 @@ class VGAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Denoiser (SPEC §5, paper Eq. 13)
+# Denoiser (Eq. 13)
 # ---------------------------------------------------------------------------------------------
 
 def step_embedding(steps: torch.Tensor, size: int) -> torch.Tensor:
@@ -336,7 +248,7 @@ class Denoiser(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gaussian diffusion (SPEC §5, paper Eq. 2-14)
+# Gaussian diffusion (Eq. 2-14)
 # ---------------------------------------------------------------------------------------------
 
 def noise_schedule(noise_scale: float, noise_min: float, noise_max: float, steps: int) -> np.ndarray:
@@ -424,3 +336,236 @@ class GaussianDiffusion:
                 mean = mean + torch.exp(0.5 * self._at(self.posterior_log_variance_clipped, t)) * torch.randn_like(x)
             x = mean
         return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffMM: one epoch = 1. every modality's denoiser, 2. every modality graph, 3. negatives and the
+# recommender (paper Algorithm 1)
+# ---------------------------------------------------------------------------------------------
+
+def drop_edges(graph: sp.csr_matrix, keep_rate: float, rng: np.random.Generator) -> sp.csr_matrix:
+    """Keep each stored entry (self-loops included) with probability keep_rate, scaling kept ones by 1/keep_rate."""
+    if keep_rate >= 1.0:
+        return graph
+    coo = graph.tocoo()
+    keep = rng.random(coo.nnz) < keep_rate
+    return sp.csr_matrix((coo.data[keep] / keep_rate, (coo.row[keep], coo.col[keep])), shape=graph.shape)
+
+
+def fused_view_graph(train: sp.csr_matrix, top: np.ndarray, ratio: float, train_keep: float, keep_rate: float,
+                     rng: np.random.Generator) -> sp.csr_matrix:
+    """The graph of one modality's contrastive view for --fusion_ratio r > 0 (paper Figure 4).
+
+    Every user independently, with probability r, takes its train edges, each kept with probability
+    `train_keep` (random edge-drop augmentation); otherwise it takes its rebuild_k generated edges
+    `top[u]`. The union is normalised like `adj` and edge-dropped with keepRate like the generated graph.
+    r = 1: a randomly dropped train graph only; r = 0 would be the generated graph (not called then).
+    """
+    n_users, n_items = train.shape
+    random_users = rng.random(n_users) < ratio
+    gen_users = np.repeat(np.arange(n_users), top.shape[1])
+    keep_gen = ~random_users[gen_users]
+    coo = train.tocoo()
+    keep_train = random_users[coo.row] & (rng.random(coo.nnz) < train_keep)
+    users = np.concatenate([gen_users[keep_gen], coo.row[keep_train]])
+    items = np.concatenate([top.ravel()[keep_gen], coo.col[keep_train]])
+    return drop_edges(normalized_graph(users, items, n_users, n_items), keep_rate, rng)
+
+
+class DiffMM(RecModel):
+    """The recommender, one graph generator per modality (a denoiser, or a VGAE with --ablation no_dm),
+    their Adam optimisers, and the epoch of the authors' code."""
+
+    name = "diffmm"
+    paper = "DiffMM: multi-modal diffusion model for recommendation (Jiang et al., ACM MM 2024)"
+    needs_features = True
+    phases = ("denoiser", "rebuild", "negatives", "recommender")
+
+    def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
+        super().__init__(args, data, device)
+        features = {m: torch.from_numpy(f) for m, f in data.features.items()}
+        self.recommender = Recommender(data.n_users, data.n_items, features, args.latdim, args.gnn_layer, args.trans,
+                                       args.ris_lambda, args.ris_adj_lambda).to(device)
+        if args.ablation == "no_dm":  # Table 3 "w/o DM": a VGAE per modality generates the graphs
+            pos_weight = (data.n_users * data.n_items - data.train.nnz) / max(data.train.nnz, 1)
+            self.denoisers = nn.ModuleDict({
+                m: VGAE(data.n_users, args.latdim, args.latdim, args.latdim, pos_weight) for m in data.modalities
+            }).to(device)
+        else:
+            self.denoisers = nn.ModuleDict({
+                m: Denoiser(data.n_items, args.dims, args.d_emb_size, args.norm) for m in data.modalities
+            }).to(device)
+        self.adj = Graph(train_graph(data.train), device, symmetric=True)
+        self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device)
+        self.optimizer = torch.optim.Adam(self.recommender.parameters(), lr=args.lr, weight_decay=0)
+        self.denoiser_optimizers = {m: torch.optim.Adam(d.parameters(), lr=args.lr, weight_decay=0)
+                                    for m, d in self.denoisers.items()}
+        self.rng = np.random.default_rng(args.seed)
+        self.pairs = train_pairs(data.train)
+        # the last rebuild: per modality its graphs ("full", "dropped", "view") and top items (U x rebuild_k)
+        self.graphs: Dict[str, Dict[str, Graph]] = {}
+        self.generated: Dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        from Params import add_diffmm_args
+        add_diffmm_args(parser)
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        if args.rebuild_k > data.n_items:
+            return f"--rebuild_k {args.rebuild_k} exceeds the {data.n_items} items of {data.name}."
+        return None
+
+    # --- the epoch ---------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, timer: PhaseTimer) -> Dict[str, Dict[str, float]]:
+        with timer.phase("denoiser"):
+            denoiser_loss = self.train_denoisers()
+        with timer.phase("rebuild"):
+            self.graphs = self.rebuild_graphs()
+        with timer.phase("negatives"):
+            negatives = sample_negatives(self.data.train, self.pairs[0], self.rng)
+        with timer.phase("recommender"):
+            losses = self.train_recommender({m: g["dropped"] for m, g in self.graphs.items()}, negatives,
+                                            view_graphs={m: g["view"] for m, g in self.graphs.items()})
+        return {"loss": losses, "denoiser_loss": denoiser_loss}
+
+    def generator_loss(self, generator: nn.Module, x0: torch.Tensor, rows: np.ndarray,
+                       modal_feat: torch.Tensor) -> torch.Tensor:
+        """The loss of one modality's graph generator on a batch of user rows x0.
+
+        Diffusion: mean ELBO + e_loss * mean MSI (Eq. 24); `--ablation no_msi`: the mean ELBO only.
+        `--ablation no_dm`: the VGAE's reconstruction + KL loss on the same rows (VGAE).
+        Recommender tables and `modal_feat` are read detached.
+        """
+        if isinstance(generator, VGAE):
+            return generator.loss(self.adj, self.recommender.user_emb.detach(), modal_feat,
+                                  torch.from_numpy(rows).to(self.device), x0)
+        elbo, msi = self.diffusion.training_losses(generator, x0, self.recommender.item_emb.detach(), modal_feat)
+        if self.args.ablation == "no_msi":
+            return elbo.mean()
+        return elbo.mean() + self.args.e_loss * msi.mean()
+
+    def train_denoisers(self) -> Dict[str, float]:
+        """One pass of every denoiser (or VGAE with --ablation no_dm) over all users; mean loss per modality."""
+        self.denoisers.train()
+        with torch.no_grad():  # the recommender's tables are read, not trained, here
+            modal_feats = self.recommender.modal_features()
+        totals = {m: torch.zeros((), device=self.device) for m in self.data.modalities}
+        batches = user_batches(self.data.n_users, self.args.batch, True)
+        for rows in self.progress(batches, "denoisers"):
+            x0 = dense_rows(self.data.train, rows, self.device)
+            loss = 0.0
+            for m, denoiser in self.denoisers.items():
+                self.denoiser_optimizers[m].zero_grad(set_to_none=True)
+                with self.autocast():
+                    loss_m = self.generator_loss(denoiser, x0, rows, modal_feats[m])
+                totals[m] += loss_m.detach()
+                loss = loss + loss_m
+            loss.backward()
+            for opt in self.denoiser_optimizers.values():
+                opt.step()
+        return {m: float(v) / len(batches) for m, v in totals.items()}
+
+    @torch.no_grad()
+    def generate_top_items(self, denoiser: nn.Module, modality: Optional[str] = None) -> torch.Tensor:
+        """The top rebuild_k items of every user's denoised train row (U x k indices; Eq. 12, §2.2.3).
+
+        With a VGAE (--ablation no_dm; `modality` names its features): every user's top rebuild_k items
+        by the decoder score σ(z_u · z_i), z = μ of the encoder.
+        """
+        denoiser.eval()
+        if isinstance(denoiser, VGAE):
+            user_z, item_z = denoiser.embeddings(self.adj, self.recommender.user_emb.detach(),
+                                                 self.recommender.modal_features()[modality])
+        # one buffer for all users: per-batch results kept between the batch x items tensors fragment the heap
+        top = torch.empty(self.data.n_users, self.args.rebuild_k, dtype=torch.long, device=self.device)
+        for rows in self.progress(user_batches(self.data.n_users, self.args.batch, False), "rebuild"):
+            idx = torch.from_numpy(rows).to(self.device)
+            if isinstance(denoiser, VGAE):
+                scores = user_z[idx] @ item_z.T
+            else:
+                with self.autocast():
+                    scores = self.diffusion.p_sample(denoiser, dense_rows(self.data.train, rows, self.device),
+                                                     self.args.sampling_steps, self.args.sampling_noise)
+            top[idx] = torch.topk(scores, self.args.rebuild_k, dim=1).indices
+        denoiser.train()
+        return top
+
+    def rebuild_graphs(self) -> Dict[str, Dict[str, Graph]]:
+        """Every modality graph Âm from its generator, normalised like `adj`, then edge-dropped (keepRate).
+
+        Returns, per modality, the dropped graph (used in training), the full one (for --eval_graph full)
+        and the contrastive views' graph ("view": the dropped graph itself unless --fusion_ratio > 0).
+        The top items are kept in `self.generated`.
+        """
+        n_users, n_items = self.data.n_users, self.data.n_items
+        args = self.args
+        graphs = {}
+        for m, denoiser in self.denoisers.items():
+            top = self.generate_top_items(denoiser, m).cpu().numpy()
+            self.generated[m] = top
+            users = np.repeat(np.arange(n_users), top.shape[1])
+            full = normalized_graph(users, top.ravel(), n_users, n_items)
+            graphs[m] = {"full": full, "dropped": drop_edges(full, args.keepRate, self.rng)}
+            if args.fusion_ratio > 0:
+                graphs[m]["view"] = fused_view_graph(self.data.train, top, args.fusion_ratio, args.fusion_keep,
+                                                     args.keepRate, self.rng)
+        out = {m: {k: Graph(g, self.device) for k, g in pair.items()} for m, pair in graphs.items()}
+        for pair in out.values():
+            pair.setdefault("view", pair["dropped"])  # r = 0: the views use Âm itself
+        return out
+
+    def train_recommender(self, modal_graphs: Dict[str, Graph], negatives: np.ndarray,
+                          view_graphs: Optional[Dict[str, Graph]] = None) -> Dict[str, float]:
+        """BPR + λ2 reg + λ1 contrastive loss (Eq. 26) over shuffled batches of (user, pos, neg).
+
+        `view_graphs`: the contrastive views' graphs (--fusion_ratio); None = the modal graphs.
+        `--ablation no_cl`: no contrastive term and the views are not computed.
+        """
+        args = self.args
+        users = torch.from_numpy(self.pairs[0]).to(self.device)
+        positives = torch.from_numpy(self.pairs[1]).to(self.device)
+        negatives = torch.from_numpy(negatives).to(self.device)
+        with_views = args.ssl_reg != 0 and args.ablation != "no_cl"
+        self.recommender.train()
+        totals = torch.zeros(3, device=self.device)
+        batches = user_batches(len(users), args.batch, True)
+        for rows in self.progress(batches, "recommender"):
+            idx = torch.from_numpy(rows).to(self.device)
+            u, p, n = users[idx], positives[idx], negatives[idx]
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                user_vec, item_vec, views = self.recommender(self.adj, modal_graphs, with_views=with_views,
+                                                             view_graphs=view_graphs)
+            user_vec, item_vec = user_vec.float(), item_vec.float()
+            bpr = bpr_loss(user_vec, item_vec, u, p, n, divisor=args.batch)
+            reg = args.reg * self.recommender.reg_loss()
+            cl = (args.ssl_reg * contrastive_loss(user_vec, item_vec, [(a.float(), b.float()) for a, b in views],
+                                                  u, p, args.cl_method, args.temp)
+                  if with_views else torch.zeros((), device=self.device))
+            (bpr + reg + cl).backward()
+            self.optimizer.step()
+            totals += torch.stack([bpr.detach(), reg.detach(), cl.detach()])
+        bpr, reg, cl = (totals / len(batches)).tolist()
+        return {"bpr": bpr, "reg": reg, "cl": cl, "loss": bpr + reg + cl}
+
+    # --- evaluation and outputs -----------------------------------------------------------------
+    def embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The main view with this epoch's generated graphs (dropped, as the authors; --eval_graph full)."""
+        with self.autocast():
+            user_vec, item_vec, _ = self.recommender(
+                self.adj, {m: g[self.args.eval_graph] for m, g in self.graphs.items()})
+        return user_vec, item_vec
+
+    def checkpoint_state(self) -> dict:
+        return {"recommender": self.recommender.state_dict(), "denoisers": self.denoisers.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.recommender.load_state_dict(state["recommender"])
+        self.denoisers.load_state_dict(state["denoisers"])
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        """generated_items.npz: the last epoch's top items per modality (U x rebuild_k), for Figure 5."""
+        np.savez_compressed(run_dir / "generated_items.npz",
+                            **{m: t.astype(np.int32) for m, t in self.generated.items()})

@@ -1,13 +1,16 @@
-"""Every command-line flag of DiffMM, grouped, with the paper symbol it stands for.
+"""Every command-line flag, grouped, with the paper symbol it stands for.
 
-The authors' flags keep their names, types and defaults (SPEC §8). Two of their defects are fixed
-here: booleans are parsed as booleans (their `type=bool` turned `--norm False` ON) and `--dims` is
+The harness's flags (data, optimisation, evaluation, run) are here, then DiffMM's (`add_diffmm_args`);
+every other model declares its own group next to its code (`Models/<name>.py`, `add_args`), and
+`--model NAME --help` lists them. DiffMM's flags keep the authors' names, types and defaults. Two of
+their defects are fixed here: booleans are parsed as booleans (their `type=bool` turned `--norm False` ON) and `--dims` is
 parsed as a list literal instead of `eval`-ed.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import sys
 from typing import List, Optional, Sequence
 
 
@@ -66,11 +69,18 @@ def group_edges(text: str) -> List[int]:
     return edges if edges[0] == 0 else [0] + edges
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
+    """The harness's flags plus `model`'s own group (its class's `add_args`), with the model's defaults."""
+    from Models import get_model, model_names
+
     p = argparse.ArgumentParser(
-        description="DiffMM: multi-modal graph diffusion for recommendation (ACM MM 2024).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train and evaluate one recommender (default DiffMM: multi-modal graph diffusion for "
+                    "recommendation, ACM MM 2024). `--model NAME --help` shows that model's own flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
     )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="diffmm", choices=model_names(), metavar="NAME",
+                   help="the model to train: " + "; ".join(f"{n} = {get_model(n).paper}" for n in model_names()))
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", type=str,
@@ -80,15 +90,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modalities", default=None, type=name_list,
                    help="comma-separated modalities to use (default: every <name>_feat.npy[.zip] present)")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", default=1e-3, type=float, help="learning rate of every Adam optimiser")
-    g.add_argument("--batch", default=1024, type=int, help="training batch size (pairs and users)")
-    g.add_argument("--tstBat", default=256, type=int, help="number of users per evaluation batch")
-    g.add_argument("--reg", default=1e-5, type=float, help="λ2: weight decay on the ID embedding tables")
-    g.add_argument("--epoch", default=50, type=int, help="number of epochs")
+    g = p.add_argument_group("optimisation (every model)")
+    g.add_argument("--lr", default=1e-3, type=float, help="learning rate (of every Adam)")
+    g.add_argument("--batch", default=1024, type=int, help="training batch size (pairs; users for DiffMM's denoisers)")
+    g.add_argument("--epoch", default=50, type=int, help="number of epochs (at most, with --patience)")
     g.add_argument("--seed", default=421, type=int, help="random seed")
 
-    g = p.add_argument_group("recommender")
+    g = p.add_argument_group("evaluation (every model)")
+    g.add_argument("--topk", default=20, type=int, help="K of Recall/NDCG/Precision@K")
+    g.add_argument("--topks", default=None, type=int_list, help="more cut-offs, e.g. 10,20,50 (topk is always included)")
+    g.add_argument("--tstBat", default=256, type=int, help="number of users per evaluation batch")
+    g.add_argument("--tstEpoch", default=1, type=int, help="evaluate every this many epochs")
+    g.add_argument("--patience", default=0, type=int,
+                   help="stop after this many evaluations without a better validation Recall@topk (0 = off)")
+    g.add_argument("--groups", default="0,5,10,20,50", type=group_edges,
+                   help="paper Figure 2: edges of the user groups by number of train interactions, [a, b) each "
+                        "and the last open-ended (0,5,10,20,50 = 0-5, 5-10, 10-20, 20-50, 50+)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
+    g.add_argument("--gpu", default="0", type=str, help="CUDA device index used when the device is CUDA")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16 = autocast matrix products to bfloat16 (losses, schedule and metrics stay fp32)")
+    g.add_argument("--out_dir", default=None, type=str, help="run folder (default runs/<data>-<model>-<timestamp>)")
+    g.add_argument("--quiet", default=False, type=str2bool, nargs="?", const=True, help="no progress bars")
+    g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
+
+    model_class = get_model(model)
+    model_class.add_args(p)
+    p.set_defaults(**model_class.defaults)
+    return p
+
+
+def add_diffmm_args(p: argparse.ArgumentParser) -> None:
+    """DiffMM's flags: the authors' names, types and defaults (their parser.py)."""
+    g = p.add_argument_group("diffmm: recommender")
+    g.add_argument("--reg", default=1e-5, type=float, help="λ2: weight decay on the ID embedding tables")
     g.add_argument("--latdim", default=64, type=int, help="d: embedding size")
     g.add_argument("--gnn_layer", default=1, type=int, help="L: propagation layers on the train graph")
     g.add_argument("--trans", default=0, type=int, choices=[0, 1, 2],
@@ -96,14 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ris_lambda", default=0.5, type=float, help="ω (Eq. 23): weight of the normalised fused view")
     g.add_argument("--ris_adj_lambda", default=0.2, type=float, help="weight of the generated-graph term per modality")
     g.add_argument("--keepRate", default=0.5, type=float, help="edge keep rate of the generated graphs")
+    g.add_argument("--eval_graph", default="dropped", choices=["dropped", "full"],
+                   help="generated graphs used at evaluation: 'dropped' (authors: after the random edge drop) or "
+                        "'full' (the same graphs before the drop, so evaluation is not random)")
 
-    g = p.add_argument_group("contrastive learning")
+    g = p.add_argument_group("diffmm: contrastive learning")
     g.add_argument("--ssl_reg", default=1e-2, type=float, help="λ1: weight of the contrastive loss")
     g.add_argument("--temp", default=0.5, type=float, help="τ: InfoNCE temperature")
     g.add_argument("--cl_method", default=0, type=int, choices=[0, 1],
                    help="0 = modality views contrasted pairwise; 1 = main view as anchor")
 
-    g = p.add_argument_group("diffusion")
+    g = p.add_argument_group("diffmm: diffusion")
     g.add_argument("--dims", default="[1000]", type=int_list, help="hidden sizes of the denoiser MLP")
     g.add_argument("--d_emb_size", default=10, type=int, help="size of the diffusion-step embedding")
     g.add_argument("--norm", default=False, type=str2bool, help="L2-normalise the denoiser input")
@@ -116,18 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rebuild_k", default=1, type=int, help="k: items kept per user in a generated graph")
     g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
 
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--topk", default=20, type=int, help="K of Recall/NDCG/Precision@K")
-    g.add_argument("--topks", default=None, type=int_list, help="more cut-offs, e.g. 10,20,50 (topk is always included)")
-    g.add_argument("--tstEpoch", default=1, type=int, help="evaluate every this many epochs")
-    g.add_argument("--patience", default=0, type=int,
-                   help="stop after this many evaluations without a better validation Recall@topk (0 = off)")
-    g.add_argument("--eval_graph", default="dropped", choices=["dropped", "full"],
-                   help="generated graphs used at evaluation: 'dropped' (authors: after the random edge drop) or "
-                        "'full' (the same graphs before the drop, so evaluation is not random)")
-
-    g = p.add_argument_group("experiments", "the paper's ablations, fusion ratio and sparsity groups "
-                                            "(README, section Paper experiments)")
+    g = p.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "
+                                                    "(README, section Paper experiments)")
     g.add_argument("--ablation", default="none", choices=["none", "no_cl", "no_msi", "no_dm"],
                    help="paper Table 3: no_cl = no contrastive term (views not computed); no_msi = the MSI term "
                         "of the diffusion loss dropped (as e_loss 0); no_dm = a VGAE per modality (Kipf & "
@@ -141,29 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fusion_keep", default=0.5, type=unit_float,
                    help="paper Figure 4: keep probability of each train edge in the random augmentation used by "
                         "--fusion_ratio > 0")
-    g.add_argument("--groups", default="0,5,10,20,50", type=group_edges,
-                   help="paper Figure 2: edges of the user groups by number of train interactions, [a, b) each "
-                        "and the last open-ended (0,5,10,20,50 = 0-5, 5-10, 10-20, 20-50, 50+)")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
-    g.add_argument("--gpu", default="0", type=str, help="CUDA device index used when the device is CUDA")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16 = autocast matrix products to bfloat16 (losses, schedule and metrics stay fp32)")
-    g.add_argument("--out_dir", default=None, type=str, help="run folder (default runs/<data>-<timestamp>)")
-    g.add_argument("--quiet", default=False, type=str2bool, nargs="?", const=True, help="no progress bars")
-    g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
-    return p
 
 
 def impossible_value(args: argparse.Namespace) -> Optional[str]:
     """The first flag whose value cannot give a meaningful run, as one sentence, or None."""
-    for name in ("epoch", "batch", "tstBat", "tstEpoch", "steps", "topk", "d_emb_size", "latdim", "rebuild_k"):
-        if getattr(args, name) < 1:
+    positive = ("epoch", "batch", "tstBat", "tstEpoch", "topk", "steps", "d_emb_size", "latdim", "rebuild_k",
+                "embedding_size")
+    for name in positive:
+        if hasattr(args, name) and getattr(args, name) < 1:
             return f"--{name} must be at least 1, got {getattr(args, name)}"
-    for name in ("gnn_layer", "patience"):
-        if getattr(args, name) < 0:
+    for name in ("gnn_layer", "patience", "n_layers"):
+        if hasattr(args, name) and getattr(args, name) < 0:
             return f"--{name} must be 0 or more, got {getattr(args, name)}"
+    if args.lr < 0.0:
+        return f"--lr must not be negative, got {args.lr}"
+    if args.model != "diffmm":
+        return None
     if not 0 <= args.sampling_steps <= args.steps:
         return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}"
     if not 0.0 < args.keepRate <= 1.0:
@@ -174,18 +197,31 @@ def impossible_value(args: argparse.Namespace) -> Optional[str]:
     if min(noise) < 0.0 or args.noise_scale * max(args.noise_min, args.noise_max) >= 1.0:
         return (f"--noise_scale, --noise_min and --noise_max must be non-negative with noise_scale x noise_max "
                 f"below 1 (it is a variance), got {noise}")
-    if args.lr < 0.0:
-        return f"--lr must not be negative, got {args.lr}"
     return None
 
 
+def model_of(argv: Sequence[str]) -> str:
+    """The value of --model in a command line (default diffmm), without parsing the rest."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--model", default="diffmm")
+    return pre.parse_known_args(list(argv))[0].model
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (or `argv`) into the arguments object passed through the whole run."""
-    parser = build_parser()
+    """Parse the command line (or `argv`) into the arguments object passed through the whole run.
+
+    `--model` is read first, so that the parser knows the model's own flags and defaults.
+    """
+    from Models import model_names
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    model = model_of(argv)
+    if model not in model_names():
+        build_parser().error(f"unknown model {model!r}; the known models are {', '.join(model_names())}")
+    parser = build_parser(model)
     args = parser.parse_args(argv)
     problem = impossible_value(args)
     if problem:
         parser.error(problem)
-    topks = sorted(set([args.topk] + (args.topks or [])))
-    args.topks = topks
+    args.topks = sorted(set([args.topk] + (args.topks or [])))
     return args

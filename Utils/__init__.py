@@ -1,1 +1,1 @@
-"""Small helpers of the DiffMM run: metrics, logging and device set-up, generated data, benchmark."""
+"""The bottom layer: metrics, shared layers and kernels, run set-up, generated data, figures (imports nothing above it)."""

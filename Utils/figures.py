@@ -59,6 +59,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def run_title(run_dir: Path) -> str:
+    """'<model> on <data>, run <folder name>' from the run's configuration: no path of the machine it ran on."""
+    run_dir = Path(run_dir)
+    config = {}
+    for line in (run_dir / "log.txt").read_text().splitlines()[:3] if (run_dir / "log.txt").is_file() else []:
+        if "configuration: " in line:
+            config = json.loads(line.split("configuration: ", 1)[1])
+    if (run_dir / "summary.json").is_file():
+        config = json.loads((run_dir / "summary.json").read_text()).get("config", config)
+    return f"{config.get('model', 'diffmm')} on {config.get('data', '?')}, run {run_dir.name}"
+
+
 def training_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
     """Losses (BPR, contrastive, total, generator per modality) and val/test Recall/NDCG@K per epoch."""
     run_dir = Path(run_dir)
@@ -66,10 +78,11 @@ def training_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
     k = _topk(run_dir, recs)
     fig, (ax_loss, ax_gen, ax_metric) = plt.subplots(1, 3, figsize=(14, 4))
     epochs = [r["epoch"] for r in recs]
-    for name in ("loss", "bpr", "cl"):
+    for name in (recs[0].get("loss") or {}) if recs else ():
         ax_loss.plot(epochs, [r["loss"][name] for r in recs], marker=".", label=name)
     ax_loss.set(title="recommender loss", xlabel="epoch")
-    ax_loss.legend()
+    if recs and recs[0].get("loss"):
+        ax_loss.legend()
     for m in (recs[0].get("denoiser_loss") or {}) if recs else ():
         ax_gen.plot(epochs, [r["denoiser_loss"][m] for r in recs], marker=".", label=m)
     ax_gen.set(title="graph generator loss per modality", xlabel="epoch")
@@ -83,7 +96,7 @@ def training_curves(run_dir: Path, out: Optional[Path] = None) -> Path:
     ax_metric.set(title="evaluation", xlabel="epoch")
     if evaluated:
         ax_metric.legend()
-    fig.suptitle(str(run_dir))
+    fig.suptitle(run_title(run_dir))
     return _save(fig, out or run_dir / "curves.png")
 
 
@@ -105,7 +118,7 @@ def group_bars(run_dir: Path, out: Optional[Path] = None) -> Path:
                         ha="center", va="bottom", fontsize=8)
         ax.set(title=f"test {metric}@{k} (epoch {summary['groups']['epoch']})",
                xlabel="train interactions per user", ylabel=f"{metric}@{k}")
-    fig.suptitle(f"{summary['data']['name']}: performance by user group (paper Figure 2)")
+    fig.suptitle(f"{run_title(run_dir)}: performance by user group (paper Figure 2)")
     return _save(fig, out or run_dir / "groups.png")
 
 
@@ -128,6 +141,34 @@ def ablation_bars(run_dirs: Sequence[Path], out: Path, protocol: str = "validati
                color=["tab:red" if label == "DiffMM" else "tab:gray" for label in order])
         ax.set(title=f"test {metric}@{k} ({protocol} protocol)", ylabel=f"{metric}@{k}")
     fig.suptitle("ablation (paper Table 3)")
+    return _save(fig, out)
+
+
+def model_group_bars(runs: Dict[str, Path], out: Path) -> Path:
+    """Paper Figure 2 across models: test Recall@K and NDCG@K per user group, one bar per model.
+
+    `runs` maps a label (the model) to its run folder; each run's groups are those of its validation
+    protocol's epoch.
+    """
+    summaries = {label: _summary(Path(d)) for label, d in runs.items()}
+    summaries = {label: s for label, s in summaries.items() if (s.get("groups") or {}).get("per_group")}
+    if not summaries:
+        raise ValueError("none of the runs has per-group metrics")
+    first = next(iter(summaries.values()))
+    k, names = first["config"]["topk"], list(first["groups"]["per_group"])
+    width = 0.8 / len(summaries)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, metric in zip(axes, ("Recall", "NDCG")):
+        for j, (label, summary) in enumerate(summaries.items()):
+            groups = summary["groups"]["per_group"]
+            ax.bar(np.arange(len(names)) + j * width, [groups[g][f"{metric}@{k}"] or 0.0 for g in names], width,
+                   label=label)
+        users = [first["groups"]["per_group"][g]["users"] for g in names]
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, [f"{g}\n(n={n})" for g, n in zip(names, users)])
+        ax.set(title=f"test {metric}@{k} (validation protocol)", xlabel="train interactions per user",
+               ylabel=f"{metric}@{k}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{first['data']['name']}: performance by user group per model (paper Figure 2)")
     return _save(fig, out)
 
 

@@ -60,18 +60,29 @@ def make_run_dir(out_dir: Optional[str], data: str) -> Path:
     return path
 
 
-def setup_logging(run_dir: Optional[Path], quiet: bool = False) -> None:
-    """Log to the console and, when a run folder is given, to `run_dir/log.txt`."""
-    log.handlers.clear()
+def setup_logging(quiet: bool = False) -> None:
+    """Console logging of the 'diffmm' logger for a command-line entry point (Main.py, the drivers)."""
+    log.handlers[:] = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
     log.setLevel(logging.INFO)
     log.propagate = False
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
-    if run_dir is not None:
-        file = logging.FileHandler(run_dir / "log.txt")
-        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        log.addHandler(file)
+
+
+@contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """Also log to `run_dir/log.txt` while the block runs; every other handler is left as it is."""
+    file = logging.FileHandler(run_dir / "log.txt")
+    file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(file)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(file)
+        file.close()
 
 
 def package_versions() -> Dict[str, str]:

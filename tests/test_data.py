@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 import Main
+import Model
 from conftest import SHARED, hand_made, require_shared, write_dataset
 from DataHandler import (DataError, feature_files, load_data, load_matrix, normalized_graph, sample_negatives,
                          train_graph)
@@ -206,14 +207,14 @@ def test_sample_negatives_uniform_over_non_interacted():
 
 
 # ------------------------------------------------------------------------------------------------
-# §5 graph rebuild (Main.generate_top_items / rebuild_graphs)
+# graph rebuild (DiffMM.generate_top_items / rebuild_graphs)
 # ------------------------------------------------------------------------------------------------
 
 def _trainer(tiny_dir, *extra):
     args = parse_args(["--data", "tiny", "--data_dir", str(tiny_dir), "--dims", "[16]", "--latdim", "8",
                        "--batch", "7", *extra])
     data = load_data("tiny", tiny_dir)
-    return Main.build_trainer(args, data, CPU), data
+    return Main.build_model(args, data, CPU), data
 
 
 def ref_denoise(den, x, T=5, s=0.1, gmin=1e-4, gmax=0.02):
@@ -247,10 +248,10 @@ def test_generate_top_items_and_full_graph(tiny_dir, k):
         denoised = ref_denoise(den, dense_train)
         top = np.argsort(-denoised, axis=1, kind="stable")[:, :k]
         tops[m] = top
-        got = Main.generate_top_items(tr, den).numpy()
+        got = tr.generate_top_items(den).numpy()
         assert got.shape == (U, k)
         assert [set(r) for r in got.tolist()] == [set(r) for r in top.tolist()]
-    graphs = Main.rebuild_graphs(tr)
+    graphs = tr.rebuild_graphs()
     assert set(graphs) == set(data.modalities)
     for m, pair in graphs.items():
         full = pair["full"].to_dense().numpy()
@@ -264,7 +265,7 @@ def test_generate_top_items_and_full_graph(tiny_dir, k):
 
 def test_rebuild_gives_every_user_exactly_k_items(tiny_dir):
     tr, data = _trainer(tiny_dir, "--rebuild_k", "2", "--keepRate", "1")
-    graphs = Main.rebuild_graphs(tr)
+    graphs = tr.rebuild_graphs()
     for pair in graphs.values():
         ui = pair["full"].to_dense().numpy()[: data.n_users, data.n_users:]
         assert ((ui != 0).sum(1) == 2).all()                # exactly k items for every user
@@ -272,7 +273,7 @@ def test_rebuild_gives_every_user_exactly_k_items(tiny_dir):
 
 def test_edge_drop_keep_half_scales_by_two(tiny_dir):
     tr, data = _trainer(tiny_dir, "--rebuild_k", "4", "--keepRate", "0.5")
-    graphs = Main.rebuild_graphs(tr)
+    graphs = tr.rebuild_graphs()
     for pair in graphs.values():
         full = pair["full"].to_dense().numpy()
         dropped = pair["dropped"].to_dense().numpy()
@@ -289,9 +290,9 @@ def test_edge_drop_keep_half_scales_by_two(tiny_dir):
 def test_drop_edges_direct():
     rng = np.random.default_rng(0)
     g = sp.random(200, 200, density=0.1, format="csr", random_state=1, dtype=np.float32)
-    same = Main.drop_edges(g, 1.0, rng)
+    same = Model.drop_edges(g, 1.0, rng)
     assert (same != g).nnz == 0
-    dropped = Main.drop_edges(g, 0.25, rng)
+    dropped = Model.drop_edges(g, 0.25, rng)
     d, f = dropped.toarray(), g.toarray()
     kept = d != 0
     np.testing.assert_allclose(d[kept], 4.0 * f[kept], rtol=1e-6)

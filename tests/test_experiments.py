@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+import scipy.sparse as sp
+
 import Main
-from DataHandler import dense_rows, load_data
+import Model
+from DataHandler import dense_rows, load_data, sample_negatives, train_pairs
+from Experiments import reproduce, sweep
 from Model import VGAE, Denoiser
 from Params import parse_args
-from Utils import figures, reproduce, sweep
+from Utils import figures
+from Utils.layers import Graph
 from Utils.metrics import evaluated_users
 from conftest import hand_made, tiny_args, write_dataset
 
@@ -35,13 +40,13 @@ def data_dir(tmp_path_factory):
 def trainer(data_dir, *extra, data="tiny"):
     args = parse_args(["--data", data, "--data_dir", str(data_dir), "--dims", "[16]", "--latdim", "8",
                        "--batch", "7", *extra])
-    return Main.build_trainer(args, load_data(data, data_dir), CPU)
+    return Main.build_model(args, load_data(data, data_dir), CPU)
 
 
 def one_epoch_inputs(tr):
-    graphs = Main.rebuild_graphs(tr)
-    pairs = Main.train_pairs(tr.data.train)
-    negatives = Main.sample_negatives(tr.data.train, pairs[0], tr.rng)
+    graphs = tr.rebuild_graphs()
+    pairs = train_pairs(tr.data.train)
+    negatives = sample_negatives(tr.data.train, pairs[0], tr.rng)
     return graphs, pairs, negatives
 
 
@@ -57,7 +62,7 @@ def test_no_cl_has_zero_contrastive_loss_and_computes_no_views(data_dir, monkeyp
     tr = trainer(data_dir, "--ablation", "no_cl", "--batch", "40")
     graphs, pairs, negatives = one_epoch_inputs(tr)
     calls = []
-    forward = tr.model.forward
+    forward = tr.recommender.forward
 
     def recording_forward(*args, **kwargs):
         calls.append(kwargs.get("with_views", False))
@@ -66,10 +71,10 @@ def test_no_cl_has_zero_contrastive_loss_and_computes_no_views(data_dir, monkeyp
     def no_contrastive(*args, **kwargs):
         raise AssertionError("the contrastive loss must not be computed with --ablation no_cl")
 
-    monkeypatch.setattr(tr.model, "forward", recording_forward)
-    monkeypatch.setattr(Main, "contrastive_loss", no_contrastive)
-    losses = Main.train_recommender(tr, {m: g["dropped"] for m, g in graphs.items()}, pairs, negatives,
-                                    view_graphs={m: g["view"] for m, g in graphs.items()})
+    monkeypatch.setattr(tr.recommender, "forward", recording_forward)
+    monkeypatch.setattr(Model, "contrastive_loss", no_contrastive)
+    losses = tr.train_recommender({m: g["dropped"] for m, g in graphs.items()}, negatives,
+                                  view_graphs={m: g["view"] for m, g in graphs.items()})
     assert losses["cl"] == 0.0
     assert calls and not any(calls)                      # every forward pass without the views
     assert losses["loss"] == pytest.approx(losses["bpr"] + losses["reg"])
@@ -82,11 +87,11 @@ def test_no_msi_diffusion_loss_is_the_elbo_term_only(data_dir):
         x0 = dense_rows(tr.data.train, rows, CPU)
         den = tr.denoisers["image"]
         with torch.no_grad():
-            feat = tr.model.modal_features()["image"]
+            feat = tr.recommender.modal_features()["image"]
         torch.manual_seed(3)
-        loss = Main.generator_loss(tr, den, x0, rows, feat)
+        loss = tr.generator_loss(den, x0, rows, feat)
         torch.manual_seed(3)
-        elbo, msi = tr.diffusion.training_losses(den, x0, tr.model.item_emb.detach(), feat)
+        elbo, msi = tr.diffusion.training_losses(den, x0, tr.recommender.item_emb.detach(), feat)
         assert msi.mean().item() > 0                     # the MSI term is there to drop
         torch.testing.assert_close(loss, elbo.mean() + e_loss_factor * msi.mean())
         if ablation == "no_msi":
@@ -99,20 +104,20 @@ def test_no_dm_graphs_come_from_one_vgae_per_modality(data_dir, tmp_path):
     assert all(isinstance(g, VGAE) for g in tr.denoisers.values())
     assert not any(isinstance(g, Denoiser) for g in tr.denoisers.modules())
     before = {m: g.w0.weight.detach().clone() for m, g in tr.denoisers.items()}
-    losses = Main.train_denoisers(tr)
+    losses = tr.train_denoisers()
     assert set(losses) == set(tr.data.modalities) and all(np.isfinite(v) for v in losses.values())
     assert all(not torch.equal(before[m], g.w0.weight) for m, g in tr.denoisers.items())   # trained
 
-    graphs = Main.rebuild_graphs(tr)
+    graphs = tr.rebuild_graphs()
     U = tr.data.n_users
     assert set(graphs) == set(tr.data.modalities)
-    feats = tr.model.modal_features()
+    feats = tr.recommender.modal_features()
     for m, pair in graphs.items():
         ui = pair["full"].to_dense().numpy()[:U, U:]
         assert ((ui != 0).sum(1) == 2).all()             # every user has rebuild_k generated edges
         vgae = tr.denoisers[m]
         vgae.eval()
-        user_z, item_z = vgae.embeddings(tr.adj, tr.model.user_emb.detach(), feats[m].detach())
+        user_z, item_z = vgae.embeddings(tr.adj, tr.recommender.user_emb.detach(), feats[m].detach())
         expected = torch.topk(user_z @ item_z.T, 2, dim=1).indices.numpy()
         assert [set(r) for r in tr.generated[m].tolist()] == [set(r) for r in expected.tolist()]
         assert {(u, i) for u, i in zip(*np.nonzero(ui))} == {(u, int(i)) for u in range(U) for i in expected[u]}
@@ -121,7 +126,7 @@ def test_no_dm_graphs_come_from_one_vgae_per_modality(data_dir, tmp_path):
     rows = torch.arange(5)
     x0 = dense_rows(tr.data.train, rows.numpy(), CPU)
     vgae = tr.denoisers["image"].train()
-    loss = vgae.loss(tr.adj, tr.model.user_emb.detach(), feats["image"].detach(), rows, x0)
+    loss = vgae.loss(tr.adj, tr.recommender.user_emb.detach(), feats["image"].detach(), rows, x0)
     loss.backward()
     assert torch.isfinite(loss) and vgae.w_mu.weight.grad is not None
 
@@ -139,15 +144,15 @@ def test_no_dm_graphs_come_from_one_vgae_per_modality(data_dir, tmp_path):
 
 def test_fusion_ratio_zero_views_are_the_diffusion_graphs(data_dir):
     tr = trainer(data_dir)
-    graphs = Main.rebuild_graphs(tr)
+    graphs = tr.rebuild_graphs()
     for pair in graphs.values():
         assert pair["view"] is pair["dropped"]
     # the separate view path with the same matrices gives exactly the fused path's result
     modal = {m: g["dropped"] for m, g in graphs.items()}
-    copies = {m: Main.Graph(Main.sp.csr_matrix(g.to_dense().numpy()), CPU) for m, g in modal.items()}
+    copies = {m: Graph(sp.csr_matrix(g.to_dense().numpy()), CPU) for m, g in modal.items()}
     with torch.no_grad():
-        u0, i0, v0 = tr.model(tr.adj, modal, with_views=True)
-        u1, i1, v1 = tr.model(tr.adj, modal, with_views=True, view_graphs=copies)
+        u0, i0, v0 = tr.recommender(tr.adj, modal, with_views=True)
+        u1, i1, v1 = tr.recommender(tr.adj, modal, with_views=True, view_graphs=copies)
     torch.testing.assert_close(u0, u1)
     torch.testing.assert_close(i0, i1)
     for (a, b), (c, d) in zip(v0, v1):
@@ -158,7 +163,7 @@ def test_fusion_ratio_zero_views_are_the_diffusion_graphs(data_dir):
 @pytest.mark.parametrize("keep", ["1", "0.5"])
 def test_fusion_ratio_one_views_hold_only_train_edges(data_dir, keep):
     tr = trainer(data_dir, "--fusion_ratio", "1", "--fusion_keep", keep, "--keepRate", "1", "--rebuild_k", "3")
-    graphs = Main.rebuild_graphs(tr)
+    graphs = tr.rebuild_graphs()
     U = tr.data.n_users
     train_edges = set(zip(*tr.data.train.nonzero()))
     for m, pair in graphs.items():
@@ -176,7 +181,7 @@ def test_fusion_ratio_one_views_hold_only_train_edges(data_dir, keep):
 
 def test_fusion_ratio_half_mixes_per_user(data_dir):
     tr = trainer(data_dir, "--fusion_ratio", "0.5", "--fusion_keep", "1", "--keepRate", "1", "--rebuild_k", "1")
-    graphs = Main.rebuild_graphs(tr)
+    graphs = tr.rebuild_graphs()
     U, train = tr.data.n_users, tr.data.train.toarray()
     kinds = set()
     for m, pair in graphs.items():
@@ -197,8 +202,8 @@ def test_fusion_ratio_half_mixes_per_user(data_dir):
 
 def test_groups_partition_the_evaluated_users(data_dir):
     tr = trainer(data_dir, "--groups", "0,3,4")
-    graphs = Main.rebuild_graphs(tr)
-    result = Main.evaluate_epoch(tr, {m: g["dropped"] for m, g in graphs.items()})
+    tr.graphs = tr.rebuild_graphs()
+    result = Main.evaluate_model(tr, tr.data, tr.args)
     groups = result["groups"]
     assert list(groups) == ["0-3", "3-4", "4+"]
     n_eval = len(evaluated_users(tr.data.test))
@@ -279,13 +284,39 @@ def test_every_figure_function_writes_a_png(tiny_runs, tmp_path):
 
 
 def test_reproduce_states_missing_modalities(data_dir, tmp_path, capsys):
-    assert reproduce.main(["--table", "2", "--data", "baby", "--data_dir", str(data_dir)]) == 1
-    err = capsys.readouterr().err
-    assert "none of the paper's baby feature files" in err and len(err.strip().splitlines()) == 1
+    assert reproduce.main(["--table", "3", "--data", "baby", "--data_dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    err = (captured.out + captured.err).strip().splitlines()
+    assert "none of the paper's baby feature files" in err[-1] and err[-1].startswith("error:")
 
     code = reproduce.main(["--table", "2", "--data", "tiktok", "--data_dir", str(data_dir), "--epoch", "1",
-                           "--sweep_dir", str(tmp_path / "t2"), "--dims", "[16]", "--latdim", "8", "--quiet"])
+                           "--models", "diffmm", "--sweep_dir", str(tmp_path / "t2"), "--dims", "[16]",
+                           "--latdim", "8", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
     assert "lacks text" in out and "0.1129" in out and "0.0456" in out
     assert (tmp_path / "t2" / "comparison.md").is_file()
+
+
+def test_table2_runs_every_model_and_skips_those_needing_features(data_dir, tmp_path, capsys):
+    """Baby here has no feature file: the models without features run, DiffMM and VBPR are skipped with a note."""
+    sweep_dir = tmp_path / "t2baby"
+    code = reproduce.main(["--table", "2", "--data", "baby", "--data_dir", str(data_dir), "--epoch", "2",
+                           "--sweep_dir", str(sweep_dir), "--quiet"])
+    assert code == 0
+    text = (sweep_dir / "comparison.md").read_text()
+    rows = {line.split(" | ")[0].strip("| ") for line in text.splitlines() if line.startswith("| ")}
+    assert {"mf", "lightgcn", "pop"} <= rows and "diffmm" not in rows and "vbpr" not in rows
+    assert "- diffmm: skipped" in text and "- vbpr: skipped" in text
+    assert "0.0440" in text and "0.0698" in text              # the paper's MF-BPR and LightGCN Recall on Baby
+    with open(sweep_dir / "comparison.csv") as f:
+        table = {row["model"]: row for row in csv.DictReader(f)}
+    summary = json.loads((sweep_dir / "mf" / "base" / "seed421" / "summary.json").read_text())
+    assert float(table["mf"]["validation_protocol_Recall@20_mean"]) == pytest.approx(
+        summary["protocols"]["validation"]["test"]["Recall@20"])
+    assert is_png(sweep_dir / "groups.png")
+    # finished runs are not rerun
+    mtime = (sweep_dir / "mf" / "base" / "seed421" / "summary.json").stat().st_mtime_ns
+    assert reproduce.main(["--table", "2", "--data", "baby", "--data_dir", str(data_dir), "--epoch", "2",
+                           "--sweep_dir", str(sweep_dir), "--quiet"]) == 0
+    assert (sweep_dir / "mf" / "base" / "seed421" / "summary.json").stat().st_mtime_ns == mtime

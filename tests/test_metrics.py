@@ -1,4 +1,4 @@
-"""SPEC §7: all-rank Recall / Precision / NDCG against a brute-force numpy ranking."""
+"""All-rank Recall / Precision / NDCG against a brute-force numpy ranking."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from Utils.metrics import evaluate, per_user_metrics, popularity_scores
+from Utils.metrics import dot_scorer, evaluate, per_user_metrics, popularity_scores
 
 CPU = torch.device("cpu")
 
@@ -62,8 +62,8 @@ def test_per_user_metrics_brute_force(seed, batch):
     topks = [1, 3, 5, 10, 20]
     scores = user_vec.astype(np.float64) @ item_vec.astype(np.float64).T
     ref_users, ref = brute_force(scores, train, heldout, topks)
-    users, got = per_user_metrics(torch.from_numpy(user_vec), torch.from_numpy(item_vec), sp.csr_matrix(train),
-                                  sp.csr_matrix(heldout), topks, batch)
+    users, got = per_user_metrics(dot_scorer(torch.from_numpy(user_vec), torch.from_numpy(item_vec)),
+                                  sp.csr_matrix(train), sp.csr_matrix(heldout), topks, batch, CPU)
     np.testing.assert_array_equal(users, ref_users)
     assert set(got) == set(ref)
     for name in ref:
@@ -77,8 +77,8 @@ def test_evaluate_averages_over_users_with_heldout_items():
     scores = user_vec.astype(np.float64) @ item_vec.astype(np.float64).T
     ref_users, ref = brute_force(scores, train, heldout, topks)
     assert len(ref_users) < train.shape[0]
-    got = evaluate(torch.from_numpy(user_vec), torch.from_numpy(item_vec), sp.csr_matrix(train),
-                   sp.csr_matrix(heldout), topks, 7)
+    got = evaluate(dot_scorer(torch.from_numpy(user_vec), torch.from_numpy(item_vec)), sp.csr_matrix(train),
+                   sp.csr_matrix(heldout), topks, 7, CPU)
     assert set(got) == {f"{m}@{k}" for m in ("Recall", "Precision", "NDCG") for k in topks}
     for name, values in ref.items():
         assert got[name] == pytest.approx(values.mean(), rel=1e-6, abs=1e-9), name
@@ -91,14 +91,14 @@ def test_perfect_and_worst_rankings():
     heldout = np.zeros((1, 6))
     heldout[0, [0, 1]] = 1
     user = torch.ones(1, 1)
-    best = evaluate(user, torch.tensor([[6.0], [5], [4], [3], [2], [100]]), sp.csr_matrix(train),
-                    sp.csr_matrix(heldout), [1, 2, 4], 8)
+    best = evaluate(dot_scorer(user, torch.tensor([[6.0], [5], [4], [3], [2], [100]])), sp.csr_matrix(train),
+                    sp.csr_matrix(heldout), [1, 2, 4], 8, CPU)
     # the train item 5 has the top score but is masked
     assert best["Recall@1"] == pytest.approx(0.5) and best["Precision@1"] == pytest.approx(1.0)
     assert best["NDCG@1"] == pytest.approx(1.0) and best["NDCG@2"] == pytest.approx(1.0)
     assert best["Recall@2"] == pytest.approx(1.0) and best["Precision@4"] == pytest.approx(0.5)
-    worst = evaluate(user, torch.tensor([[1.0], [2], [3], [4], [5], [0]]), sp.csr_matrix(train),
-                     sp.csr_matrix(heldout), [2, 4], 8)
+    worst = evaluate(dot_scorer(user, torch.tensor([[1.0], [2], [3], [4], [5], [0]])), sp.csr_matrix(train),
+                     sp.csr_matrix(heldout), [2, 4], 8, CPU)
     assert worst["Recall@2"] == 0.0
     # ranking 4, 3, 2, 1, 0 (item 5 masked): item 1 hits at 0-based rank 3, item 0 is 5th
     assert worst["Recall@4"] == pytest.approx(0.5)
@@ -122,6 +122,6 @@ def test_popularity_scores_rank_by_train_counts():
     for u in range(U):
         np.testing.assert_array_equal(scores[u], counts)
     _, ref = brute_force(np.tile(counts, (U, 1)), train, heldout, [3, 5])
-    got = evaluate(user_vec, item_vec, sp.csr_matrix(train), sp.csr_matrix(heldout), [3, 5], 256)
+    got = evaluate(dot_scorer(user_vec, item_vec), sp.csr_matrix(train), sp.csr_matrix(heldout), [3, 5], 256, CPU)
     for name, values in ref.items():
         assert got[name] == pytest.approx(values.mean(), rel=1e-6), name

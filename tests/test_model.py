@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from Model import Graph, Recommender, bpr_loss, contrastive_loss, info_nce
+from Model import Recommender, contrastive_loss
+from Utils.layers import Graph, bpr_loss, info_nce
 
 CPU = torch.device("cpu")
 MODAL_DIMS = {"image": 7, "text": 5, "audio": 4}

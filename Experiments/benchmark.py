@@ -1,11 +1,11 @@
 """Speed benchmark: run N epochs of Main.py's training and report the median seconds per phase.
 
-    python -m Utils.benchmark --data tiktok --epochs 3 --reg 1e-4 --trans 1 --cl_method 1 --json bench/tiktok.json
+    python -m Experiments.benchmark --data tiktok --epochs 3 --reg 1e-4 --trans 1 --cl_method 1 --json bench/tiktok.json
 
-Takes every flag of Main.py (`--epochs N` sets `--epoch`); the run folder goes to a temporary
-directory unless `--out_dir` is given. Prints and writes (JSON) the median seconds of each phase
-(denoiser training, graph rebuild, negative sampling, recommender training, evaluation) and of the
-whole epoch, peak resident memory, and peak CUDA memory on a GPU. The first epoch is reported too
+Takes every flag of Main.py, `--model` included (`--epochs N` sets `--epoch`); the run folder goes
+to a temporary directory unless `--out_dir` is given. Prints and writes (JSON) the median seconds of
+each phase the model times (DiffMM: denoiser training, graph rebuild, negative sampling, recommender
+training; every model: evaluation) and of the whole epoch, peak resident memory, and peak CUDA memory on a GPU. The first epoch is reported too
 but left out of the medians when more than one epoch runs (it includes warm-up).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import Main
 from DataHandler import DataError
 from Params import parse_args
-from Utils.helpers import UsageError
+from Utils.helpers import UsageError, setup_logging
 
 log = logging.getLogger("diffmm")
 
@@ -45,9 +45,10 @@ def benchmark(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
         summary = Main.run(args)
     per_epoch = summary["timing"]["per_epoch"]
     measured = per_epoch[1:] if len(per_epoch) > 1 else per_epoch
-    phases = list(Main.PHASES) + ["epoch"]
+    phases = list(dict.fromkeys(p for e in per_epoch for p in e))
     result = {
         "command": " ".join(["python -m Utils.benchmark", "--epochs", str(epochs)] + argv),
+        "model": summary["model"],
         "data": summary["data"],
         "precision": args.precision,
         "device": summary["device"],
@@ -71,6 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs to run")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     own, rest = parser.parse_known_args(argv)
+    setup_logging(quiet=True)
     try:
         benchmark(rest + ["--quiet"], own.epochs, own.json)
     except (DataError, UsageError) as e:

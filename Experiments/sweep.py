@@ -1,14 +1,20 @@
-"""Grid sweeps over Main.py flags with several seeds (paper Table 4, Figure 3, Figure 4).
+"""Grid sweeps over Main.py flags with several seeds (paper Table 4, Figure 3, Figure 4, MMRec's grids).
 
-    python -m Utils.sweep --grid "temp=0.1,0.5,1.0 ssl_reg=1,0.1,0.01" --seeds 421,422 --sweep_dir runs/t4 \
+    python -m Experiments.sweep --grid "temp=0.1,0.5,1.0 ssl_reg=1,0.1,0.01" --seeds 421,422 --sweep_dir runs/t4 \
         --data tiktok --reg 1e-4 --epoch 50 --trans 1 --e_loss 0.1 --cl_method 1
+    python -m Experiments.sweep --grid lightgcn --sweep_dir runs/lgn --data tiktok    # a model's MMRec grid
+
+A `--grid` that names a model is that model's preset: its MMRec hyper-parameter grid (the class
+attribute `grid` in its file), with `--model NAME` added to the command.
 
 Every grid cell x seed is an ordinary run folder, DIR/<flag=value_flag=value>/seed<k>/, made by Main.run
 with the remaining flags plus the cell's values; a run whose summary.json exists is skipped (so an
 interrupted sweep resumes; a folder without summary.json is an unfinished run and is redone). Then
 DIR/table.md and DIR/table.csv give, per cell, the mean ± std over seeds (sample std; in the CSV 0 for one
 seed) of the validation protocol's test Recall/NDCG/Precision@topk and validation Recall@topk, and
-DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise).
+DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise). The selected
+cell is the one with the best mean validation Recall@topk (`--select mmrec`: MMRec's rule, the best
+mean test Recall@topk at the best-validation epoch, which selects on test).
 """
 from __future__ import annotations
 
@@ -29,25 +35,44 @@ FORBIDDEN = ("seed", "out_dir")
 METRICS = ("Recall", "NDCG", "Precision")
 
 
-def parse_grid(tokens: Sequence[str]) -> Dict[str, List[str]]:
-    """'temp=0.1,0.5 ssl_reg=1,0.1' (one string or several) -> {'temp': ['0.1', '0.5'], 'ssl_reg': ['1', '0.1']}."""
-    from Params import build_parser
+def parse_grid(tokens: Sequence[str], base_argv: Sequence[str] = ()) -> Dict[str, List[str]]:
+    """'temp=0.1,0.5 ssl_reg=1,0.1' (one string or several) -> {'temp': ['0.1', '0.5'], 'ssl_reg': ['1', '0.1']}.
 
-    known = {opt.lstrip("-") for action in build_parser()._actions for opt in action.option_strings}
+    Flags are checked against the parser of the model named in `base_argv` (default diffmm).
+    """
+    from Params import build_parser, model_of
+
+    known = {opt.lstrip("-") for action in build_parser(model_of(base_argv))._actions
+             for opt in action.option_strings}
     grid: Dict[str, List[str]] = {}
     for token in " ".join(tokens).split():
         name, sep, values = token.partition("=")
         name = name.lstrip("-")
         if not sep or not values:
-            raise ValueError(f"grid entry {token!r} is not flag=value1,value2,...")
+            raise ValueError(f"grid entry {token!r} is not flag=value1,value2,... (or a model name: "
+                             f"{', '.join(preset_names())})")
         if name not in known:
-            raise ValueError(f"grid flag {name!r} is not a Main.py flag")
+            raise ValueError(f"grid flag {name!r} is not a flag of model {model_of(base_argv)}")
         if name in FORBIDDEN:
             raise ValueError(f"grid flag {name!r} is set by the sweep itself (use --seeds / --sweep_dir)")
         if name in grid:
             raise ValueError(f"grid flag {name!r} is given twice")
         grid[name] = [v for v in values.split(",") if v]
     return grid
+
+
+def preset_names() -> List[str]:
+    """The models with an MMRec grid preset."""
+    from Models import get_model, model_names
+
+    return [n for n in model_names() if getattr(get_model(n), "grid", None)]
+
+
+def preset(name: str) -> Dict[str, List[str]]:
+    """A model's hyper-parameter grid, as strings (its class attribute `grid`)."""
+    from Models import get_model
+
+    return {flag: [str(v) for v in values] for flag, values in get_model(name).grid.items()}
 
 
 def cells(grid: Dict[str, List[str]]) -> List[Dict[str, str]]:
@@ -69,11 +94,14 @@ def run_dir_of(sweep_dir: Path, cell: Dict[str, str], seed: int) -> Path:
     return Path(sweep_dir) / cell_name(cell) / f"seed{seed}"
 
 
-def sweep(grid: Dict[str, List[str]], seeds: Sequence[int], sweep_dir: Path, base_argv: Sequence[str] = ()) -> dict:
-    """Run every missing cell x seed, then write the tables and the figure; returns what ran and the rows."""
+def sweep(grid: Dict[str, List[str]], seeds: Sequence[int], sweep_dir: Path, base_argv: Sequence[str] = (),
+          select: str = "validation") -> dict:
+    """Run every missing cell x seed, then write the tables and the figure.
+
+    Returns what ran, the rows and the selected row (`select`: 'validation' or 'mmrec', see the module).
+    """
     import Main
     from Params import parse_args
-    from Utils.helpers import setup_logging
 
     sweep_dir = Path(sweep_dir)
     plan = [(cell, seed) for cell in cells(grid) for seed in seeds]
@@ -93,12 +121,21 @@ def sweep(grid: Dict[str, List[str]], seeds: Sequence[int], sweep_dir: Path, bas
         args = parsed[(cell_name(cell), seed)]
         log.info(f"sweep run {i + 1}/{len(plan)}: {cell_name(cell)} seed {seed} -> {run_dir}")
         Main.run(args)
-        setup_logging(None, args.quiet)
         ran.append(str(run_dir))
     rows = summarise(sweep_dir, grid, seeds)
-    written = write_tables(rows, list(grid), sweep_dir)
+    selected = select_row(rows, select)
+    written = write_tables(rows, list(grid), sweep_dir, selected, select)
     log.info(f"sweep: {len(ran)} runs done, {len(skipped)} already there; wrote {', '.join(map(str, written))}")
-    return {"ran": ran, "skipped": skipped, "rows": rows, "files": written}
+    return {"ran": ran, "skipped": skipped, "rows": rows, "selected": selected, "files": written}
+
+
+def select_row(rows: List[dict], select: str = "validation") -> Optional[dict]:
+    """The row with the best mean validation Recall@k, or (select='mmrec') the best mean test Recall@k."""
+    if not rows:
+        return None
+    k = rows[0]["k"]
+    key = f"val_Recall@{k}_mean" if select == "validation" else f"test_Recall@{k}_mean"
+    return max(rows, key=lambda row: row[key])
 
 
 def _mean_std(values: List[float]) -> tuple:
@@ -124,7 +161,8 @@ def summarise(sweep_dir: Path, grid: Dict[str, List[str]], seeds: Sequence[int])
     return rows
 
 
-def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path) -> List[Path]:
+def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path, selected: Optional[dict] = None,
+                 select: str = "validation") -> List[Path]:
     """table.csv (every number), table.md (mean ± std) and sweep.png in sweep_dir."""
     from Utils.figures import sweep_figure
 
@@ -147,6 +185,10 @@ def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path) -> List[Pa
         cells_ += [f"{row[f'{key}_mean']:.4f}" + (f" ± {row[f'{key}_std']:.4f}" if row["seeds"] > 1 else "")
                    for key in keys]
         lines.append("| " + " | ".join(cells_) + " |")
+    if selected is not None and flags:
+        rule = ("best mean validation Recall" if select == "validation"
+                else "best mean test Recall (MMRec's rule: it selects on test)")
+        lines += ["", f"Selected ({rule}@{k}): " + " ".join(f"{f}={selected[f]}" for f in flags)]
     (sweep_dir / "table.md").write_text("\n".join(lines) + "\n")
     written = [sweep_dir / "table.md", sweep_dir / "table.csv"]
     if rows:
@@ -166,27 +208,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from Utils.helpers import UsageError, setup_logging
 
     p = argparse.ArgumentParser(
-        description="Run a grid of Main.py flags x seeds and tabulate it (paper Table 4, Figures 3-4); every "
-                    "other flag is passed to Main.py.", allow_abbrev=False)
+        description="Run a grid of Main.py flags x seeds and tabulate it (paper Table 4, Figures 3-4, MMRec's "
+                    "grids); every other flag is passed to Main.py.", allow_abbrev=False)
     p.add_argument("--grid", nargs="+", required=True,
                    help='flags and values, e.g. "temp=0.1,0.5,1.0 ssl_reg=1,0.1,0.01" (paper Table 4), '
-                        '"e_loss=0.01,0.1,0.5" or "ris_lambda=0.1,0.5,1.0" (Figure 3), "fusion_ratio=0,0.5,1" (Figure 4)')
+                        '"e_loss=0.01,0.1,0.5" or "ris_lambda=0.1,0.5,1.0" (Figure 3), "fusion_ratio=0,0.5,1" '
+                        '(Figure 4), or a model name for its MMRec grid (mf, lightgcn, vbpr, ...)')
     p.add_argument("--seeds", default=[421], type=int_list, help="comma-separated seeds, one run each per cell")
     p.add_argument("--sweep_dir", required=True, type=Path, help="folder of the sweep's runs and tables")
+    p.add_argument("--select", default="validation", choices=["validation", "mmrec"],
+                   help="how the table's selected cell is chosen: best validation Recall, or MMRec's best test "
+                        "Recall at the best-validation epoch (selects on test)")
     args, rest = p.parse_known_args(argv)
-    quiet = "--quiet" in rest
-    setup_logging(None, quiet)
+    setup_logging("--quiet" in rest)
     for flag in rest:
         if flag.split("=")[0] in ("--seed", "--out_dir"):
             log.error(f"error: {flag.split('=')[0]} is set by the sweep; use --seeds and --sweep_dir.")
             return 2
     try:
-        grid = parse_grid(args.grid)
-        result = sweep(grid, args.seeds, args.sweep_dir, rest)
-    except ValueError as e:
-        log.error(f"error: {e}")
-        return 2
-    except (DataError, UsageError) as e:
+        if len(args.grid) == 1 and "=" not in args.grid[0]:
+            name = args.grid[0]
+            if name not in preset_names():
+                raise ValueError(f"--grid {name!r} is neither flag=values nor a model with a grid preset "
+                                 f"({', '.join(preset_names())})")
+            grid, rest = preset(name), rest + ["--model", name]
+        else:
+            grid = parse_grid(args.grid, rest)
+        result = sweep(grid, args.seeds, args.sweep_dir, rest, args.select)
+    except (ValueError, DataError, UsageError) as e:
         log.error(f"error: {e}")
         return 2
     print((args.sweep_dir / "table.md").read_text())

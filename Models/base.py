@@ -1,0 +1,171 @@
+"""The model contract: everything the harness (`Main.py`) calls on a model, and nothing else.
+
+A model is an `nn.Module` built from `(args, data, device)`. Per epoch the harness calls
+`pre_epoch(epoch, timer)`, then `train_epoch(epoch, timer)`, which trains in the named phases it times and
+returns its mean losses; then, in eval mode and without gradients, `scorer()`, which ranks items for
+a batch of users. `checkpoint_state()` is what `best_model.pt` holds. Everything else (optimisers,
+schedulers, negatives, graphs, several optimisers stepped in the order the model chooses) is the
+model's own business. `PairwiseModel` is the shared BPR training loop of MMRec's models: a model
+built on it only says how to score and what its batch loss is.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, ClassVar, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from DataHandler import Data, sample_negatives, train_pairs, user_batches
+from Utils.helpers import PhaseTimer
+
+Losses = Dict[str, Dict[str, float]]
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RecModel(nn.Module):
+    """Base of every model: the contract with its defaults."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""                   # one line: the method and where it was published
+    needs_features: ClassVar[bool] = False      # True: at least one modality's feature file must be present
+    phases: ClassVar[Tuple[str, ...]] = ("recommender",)   # the phases train_epoch times, in order
+    defaults: ClassVar[Dict[str, object]] = {}  # harness flags whose default differs for this model
+    grid: ClassVar[Dict[str, list]] = {}        # its hyper-parameter grid: `Experiments.sweep --grid NAME`
+
+    def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
+        super().__init__()
+        self.args, self.data, self.device = args, data, device
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        """Add the model's own flags (one argument group); shown by `python Main.py --model NAME --help`."""
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        """One sentence when this configuration cannot run on this data, else None (checked before training)."""
+        return None
+
+    def pre_epoch(self, epoch: int, timer: PhaseTimer) -> None:
+        """Called before each epoch's training (LATTICE's graph rebuild, FREEDOM's edge pruning); time it
+        inside `timer.phase(name)` like the training phases."""
+
+    def train_epoch(self, epoch: int, timer: PhaseTimer) -> Losses:
+        """Train one epoch, each phase inside `timer.phase(name)`; return {'loss': {term: mean}, ...}."""
+        raise NotImplementedError
+
+    def embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """User and item vectors for evaluation (called in eval mode, without gradients)."""
+        raise NotImplementedError
+
+    def scorer(self) -> Scorer:
+        """A function from a batch of user indices to their scores over all items (batch x I).
+
+        The default ranks by the dot product of `embeddings()`; a model that scores otherwise (from
+        denoised rows, say) overrides this instead.
+        """
+        user_vec, item_vec = self.embeddings()
+        user_vec, item_vec = user_vec.float(), item_vec.float()
+        return lambda users: user_vec[users] @ item_vec.T
+
+    def checkpoint_state(self) -> dict:
+        """What `best_model.pt` holds besides the epoch and the configuration."""
+        return {"model": self.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.load_state_dict(state["model"])
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        """Write model-specific files into the run folder at the end of the run (DiffMM: generated items)."""
+
+    # helpers for subclasses
+    def autocast(self):
+        """bf16 autocast of the matrix products when --precision bf16 (CPU AMX or CUDA tensor cores)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
+
+    def progress(self, iterable: Iterable, desc: str) -> Iterable:
+        return tqdm(iterable, desc=desc, leave=False, disable=self.args.quiet, dynamic_ncols=True)
+
+
+def add_pairwise_args(group: argparse._ArgumentGroup) -> None:
+    """The training flags every MMRec model shares (MMRec configs/overall.yaml)."""
+    group.add_argument("--learning_rate_scheduler", default=[1.0, 50.0], type=_float_pair,
+                       help="γ,s: the learning rate is multiplied by γ^(epoch/s), stepped once per epoch "
+                            "(MMRec; 1.0,50 = constant)")
+
+
+def _float_pair(text: str) -> list:
+    try:
+        values = [float(v) for v in text.strip("[]() ").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or values[1] <= 0:
+        raise argparse.ArgumentTypeError(f"expected two numbers γ,s with s > 0, such as 1.0,50, got {text!r}")
+    return values
+
+
+class PairwiseModel(RecModel):
+    """MMRec's training loop (its common/trainer.py): shuffled batches of train pairs, Adam, LambdaLR.
+
+    Every epoch draws one negative per train pair, uniformly over the items that occur in train and
+    not in the user's train items (`uses_negatives = False`: no negatives, as BM3). A subclass
+    defines `batch_loss(users, positives, negatives) -> {term: tensor}` (the terms are summed and
+    back-propagated) and `embeddings()`.
+    """
+
+    phases = ("negatives", "recommender")
+    uses_negatives: ClassVar[bool] = True
+    # MMRec configs/overall.yaml: batch 2048, at most 1000 epochs, stop when validation Recall@20 has not
+    # improved for more than 20 evaluations (that is, after 21), lr 1e-3
+    defaults = {"batch": 2048, "epoch": 1000, "patience": 21, "lr": 1e-3}
+
+    def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
+        super().__init__(args, data, device)
+        users, items = train_pairs(data.train)
+        self.pair_users, self.pair_items = users, items
+        self.candidates = np.flatnonzero(np.diff(data.train.tocsc().indptr) > 0)  # items that occur in train
+        self.rng = np.random.default_rng(args.seed)
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._scheduler = None
+        if not self.uses_negatives:
+            self.phases = ("recommender",)
+
+    def batch_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor]
+                   ) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def configure_optimizer(self) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Adam over every parameter, no weight decay; LambdaLR γ^(epoch/s) (MMRec common/trainer.py)."""
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.args.lr, weight_decay=0.0)
+        gamma, step = self.args.learning_rate_scheduler
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: gamma ** (epoch / step))
+
+    def train_epoch(self, epoch: int, timer: PhaseTimer) -> Losses:
+        if self._optimizer is None:  # built on first use, after the subclass made its parameters
+            self._optimizer, self._scheduler = self.configure_optimizer()
+        negatives = None
+        if self.uses_negatives:
+            with timer.phase("negatives"):
+                negatives = torch.from_numpy(sample_negatives(self.data.train, self.pair_users, self.rng,
+                                                              candidates=self.candidates)).to(self.device)
+        with timer.phase("recommender"):
+            users = torch.from_numpy(self.pair_users).to(self.device)
+            items = torch.from_numpy(self.pair_items).to(self.device)
+            self.train()
+            totals: Dict[str, torch.Tensor] = {}
+            batches = user_batches(len(users), self.args.batch, shuffle=True)
+            for rows in self.progress(batches, self.name):
+                idx = torch.from_numpy(rows).to(self.device)
+                self._optimizer.zero_grad(set_to_none=True)
+                with self.autocast():
+                    terms = self.batch_loss(users[idx], items[idx], None if negatives is None else negatives[idx])
+                sum(terms.values()).backward()
+                self._optimizer.step()
+                for name, value in terms.items():  # summed on the device: no host sync per batch
+                    totals[name] = totals.get(name, 0.0) + value.detach().float()
+            self._scheduler.step()
+        means = {name: float(total) / len(batches) for name, total in totals.items()}
+        return {"loss": dict(means, loss=sum(means.values()))}

@@ -1,0 +1,52 @@
+"""LightGCN (He et al., SIGIR 2020) as MMRec computes it (models/lightgcn.py).
+
+[Ū; Ī] = mean_{l=0..L} Â^l [Eu; Ei] on MMRec's symmetric graph without self-loops (paper Eq. 3-4,
+α_k = 1/(K+1)); loss BPR(Ū, Ī) + λ·EmbLoss of the layer-0 rows (MMRec's unsquared norms, where
+the paper squares them).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from DataHandler import symmetric_graph
+from Models.base import PairwiseModel, add_pairwise_args
+from Utils.layers import Graph, bpr_loss, emb_loss, propagate, xavier_uniform
+
+
+class LightGCN(PairwiseModel):
+    name = "lightgcn"
+    paper = "LightGCN: simplified graph convolution for recommendation (He et al., SIGIR 2020)"
+    grid = {"n_layers": [1, 2, 3, 4], "reg_weight": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]}  # MMRec LightGCN.yaml
+
+    def __init__(self, args: argparse.Namespace, data, device: torch.device):
+        super().__init__(args, data, device)
+        self.user_emb = xavier_uniform(data.n_users, args.embedding_size)
+        self.item_emb = xavier_uniform(data.n_items, args.embedding_size)
+        self.graph = Graph(symmetric_graph(data.train), device, symmetric=True)
+        self.to(device)
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("lightgcn (MMRec configs/model/LightGCN.yaml)")
+        g.add_argument("--embedding_size", default=64, type=int, help="d: embedding size")
+        g.add_argument("--n_layers", default=3, type=int, help="K: propagation layers (MMRec grid 1-4)")
+        g.add_argument("--reg_weight", default=1e-4, type=float,
+                       help="λ of EmbLoss (MMRec grid 1e-2 ... 1e-6: `--grid lightgcn`)")
+        add_pairwise_args(g)
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
+        return f"--n_layers must be 0 or more, got {args.n_layers}" if args.n_layers < 0 else None
+
+    def embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        nodes = propagate(self.graph, torch.cat([self.user_emb, self.item_emb]), self.args.n_layers, "mean")
+        return nodes[: self.data.n_users], nodes[self.data.n_users:]
+
+    def batch_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor]
+                   ) -> Dict[str, torch.Tensor]:
+        user_vec, item_vec = self.embeddings()
+        reg = emb_loss(self.user_emb[users], self.item_emb[positives], self.item_emb[negatives])
+        return {"bpr": bpr_loss(user_vec, item_vec, users, positives, negatives), "reg": self.args.reg_weight * reg}

@@ -1,0 +1,104 @@
+"""Pieces every model shares: sparse graphs as torch tensors, propagation, BPR, EmbLoss, InfoNCE.
+
+Models import these; nothing here knows a model. The fast kernels behind `Graph @ x` and `info_nce`
+are in `Utils/kernels.py`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from Utils.kernels import LogSumExpLogits, SparseMatmul
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def to_torch_csr(matrix: sp.spmatrix, device: torch.device) -> torch.Tensor:
+    """A scipy sparse matrix as a torch sparse CSR tensor (float32 values, int64 indices) on `device`."""
+    matrix = sp.csr_matrix(matrix)
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int64)),
+        torch.from_numpy(matrix.data.astype(np.float32)), size=matrix.shape, device=device,
+        check_invariants=False)
+
+
+class Graph:
+    """A sparse matrix on the device; `graph @ dense` is differentiable in `dense` (one more sparse product)."""
+
+    def __init__(self, matrix: sp.spmatrix, device: torch.device, symmetric: bool = False):
+        self.shape = matrix.shape
+        self.nnz = matrix.nnz
+        self.matrix = to_torch_csr(matrix, device)
+        self.matrix_t = self.matrix if symmetric else to_torch_csr(sp.csr_matrix(matrix).T.tocsr(), device)
+
+    def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
+        return SparseMatmul.apply(self.matrix, self.matrix_t, dense)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.matrix.to_dense()
+
+
+def propagate(graph: Graph, x: torch.Tensor, layers: int, pooling: str = "mean") -> torch.Tensor:
+    """Pool of the layer outputs E_0 = x, E_{l+1} = Â E_l for l < `layers`.
+
+    `mean` is LightGCN's layer combination α_k = 1/(K+1) (He et al. 2020, Eq. 4); `sum` is DiffMM's
+    (the authors' code sums the layers).
+    """
+    outputs = [x]
+    for _ in range(layers):
+        outputs.append(graph @ outputs[-1])
+    stacked = torch.stack(outputs)
+    return stacked.mean(0) if pooling == "mean" else stacked.sum(0)
+
+
+def bpr_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, users: torch.Tensor, positives: torch.Tensor,
+             negatives: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
+    """BPR (Rendle et al. 2009): -Σ log σ(s(u, pos) - s(u, neg)), divided by `divisor` (default: the batch size).
+
+    MMRec takes the batch mean; DiffMM's authors divide by the configured batch size even for the
+    last, smaller batch (pass it as `divisor`).
+    """
+    u = user_vec[users]
+    diff = (u * item_vec[positives]).sum(-1) - (u * item_vec[negatives]).sum(-1)
+    return -F.logsigmoid(diff).sum() / (divisor if divisor is not None else len(users))
+
+
+def emb_loss(*tables: torch.Tensor) -> torch.Tensor:
+    """MMRec's EmbLoss: Σ_k ‖X_k‖_F / rows(X_last). The norms are *not* squared (MMRec common/loss.py)."""
+    return sum(torch.linalg.norm(t) for t in tables) / tables[-1].shape[0]
+
+
+def info_nce(anchor: torch.Tensor, other: torch.Tensor, nodes: torch.Tensor, temp: float) -> torch.Tensor:
+    """InfoNCE (DiffMM Eq. 18-19): per batch node n, -log(exp(x_n·y_n/τ) / Σ_v exp(x_n·y_v/τ)), averaged.
+
+    Rows are L2-normalised; the denominator runs over every row v of `other` (all users or all
+    items), not only the batch; duplicate nodes in the batch count each time.
+    """
+    # A node's term depends only on the node: compute it once per distinct node, count it per occurrence.
+    unique, occurrence = torch.unique(nodes, return_inverse=True)
+    x = F.normalize(anchor[unique])
+    y = F.normalize(other)
+    positive = (x * y[unique]).sum(-1) / temp
+    return (LogSumExpLogits.apply(x, y, temp) - positive)[occurrence].mean()
+
+
+def xavier_uniform(*shape: int) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.nn.init.xavier_uniform_(torch.empty(*shape)))
+
+
+def xavier_normal(*shape: int) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.nn.init.xavier_normal_(torch.empty(*shape)))
+
+
+def l2_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation (F.normalize with eps 1e-12, as every model here uses it)."""
+    return F.normalize(x, dim=-1)
+
+
+__all__: Sequence[str] = ("Graph", "bpr_loss", "emb_loss", "info_nce", "propagate", "to_torch_csr",
+                          "xavier_normal", "xavier_uniform", "l2_rows")

@@ -55,15 +55,35 @@ class Data:
         return list(self.features)
 
 
-class _CompatUnpickler(pickle.Unpickler):
-    """Unpickle the released matrices, which name module paths that newer scipy/numpy moved."""
+# What a pickled users x items matrix may name: scipy.sparse matrix classes and what numpy needs to
+# rebuild their arrays. Anything else (a function that runs a command, say) is refused, unexecuted.
+_SAFE_SPARSE = {"coo_matrix", "csr_matrix", "csc_matrix", "lil_matrix", "dok_matrix", "dia_matrix", "bsr_matrix",
+                "coo_array", "csr_array", "csc_array", "lil_array", "dok_array", "dia_array", "bsr_array"}
+_SAFE_NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy", "float32"), ("numpy", "float64"), ("numpy", "int32"),
+               ("numpy", "int64")}
+
+
+class UnsafePickle(Exception):
+    """A pickle names a class outside the matrix whitelist."""
+
+
+class _MatrixUnpickler(pickle.Unpickler):
+    """Unpickle a scipy.sparse matrix only: every class a pickle names must be on the whitelist above.
+
+    The released matrices name module paths that newer scipy/numpy moved (scipy.sparse.coo,
+    numpy.core): they are mapped to the current ones.
+    """
 
     def find_class(self, module: str, name: str):
-        if module.startswith("scipy.sparse"):
-            module = "scipy.sparse"
-        elif module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
-            module = module.replace("numpy.core", "numpy._core", 1)
-        return super().find_class(module, name)
+        if module.startswith("scipy.sparse") and name in _SAFE_SPARSE:
+            return getattr(sp, name)
+        if (module, name) in _SAFE_NUMPY:
+            if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
+                module = module.replace("numpy.core", "numpy._core", 1)
+            return super().find_class(module, name)
+        raise UnsafePickle(f"{module}.{name}")
 
 
 def load_matrix(path: Path) -> sp.csr_matrix:
@@ -73,7 +93,11 @@ def load_matrix(path: Path) -> sp.csr_matrix:
     try:
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            matrix = _CompatUnpickler(f).load()
+            matrix = _MatrixUnpickler(f).load()
+    except UnsafePickle as e:
+        raise DataError(f"refused to load {path}: the pickle names {e}, which is not a scipy.sparse or numpy "
+                        f"class, so it may run code; nothing in it was executed. Re-create the file with "
+                        f"scipy.sparse.save_npz or get it from its source again.") from None
     except Exception as e:  # any unpickling failure means the file is not what we expect
         raise DataError(f"cannot read {path} as a pickled scipy.sparse matrix ({type(e).__name__}: {e}); "
                         f"re-download it ({RELEASED_DATA_HINT}).") from None

@@ -72,11 +72,11 @@ class RecModel(nn.Module):
         return lambda users: user_vec[users] @ item_vec.T
 
     def checkpoint_state(self) -> dict:
-        """What `best_model.pt` holds besides the epoch and the configuration."""
-        return {"model": self.state_dict()}
+        """What `best_model.pt` holds besides the epoch, the model's name and the configuration."""
+        return {"state_dict": self.state_dict()}
 
     def load_checkpoint_state(self, state: dict) -> None:
-        self.load_state_dict(state["model"])
+        self.load_state_dict(state["state_dict"])
 
     def save_artifacts(self, run_dir: Path) -> None:
         """Write model-specific files into the run folder at the end of the run (DiffMM: generated items)."""
@@ -90,8 +90,11 @@ class RecModel(nn.Module):
         return tqdm(iterable, desc=desc, leave=False, disable=self.args.quiet, dynamic_ncols=True)
 
 
-def add_pairwise_args(group: argparse._ArgumentGroup) -> None:
-    """The training flags every MMRec model shares (MMRec configs/overall.yaml)."""
+def add_pairwise_args(group: argparse._ArgumentGroup, reg_weight: float = 1e-4) -> None:
+    """The flags every MMRec model shares (configs/overall.yaml and the model's yaml), MMRec's names."""
+    group.add_argument("--embedding_size", default=64, type=int, help="d: embedding size")
+    group.add_argument("--reg_weight", default=reg_weight, type=float,
+                       help="λ: weight of the regulariser (a point of MMRec's grid: `Experiments.sweep --grid MODEL`)")
     group.add_argument("--learning_rate_scheduler", default=[1.0, 50.0], type=_float_pair,
                        help="γ,s: the learning rate is multiplied by γ^(epoch/s), stepped once per epoch "
                             "(MMRec; 1.0,50 = constant)")

@@ -31,10 +31,7 @@ class LightGCN(PairwiseModel):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("lightgcn (MMRec configs/model/LightGCN.yaml)")
-        g.add_argument("--embedding_size", default=64, type=int, help="d: embedding size")
-        g.add_argument("--n_layers", default=3, type=int, help="K: propagation layers (MMRec grid 1-4)")
-        g.add_argument("--reg_weight", default=1e-4, type=float,
-                       help="λ of EmbLoss (MMRec grid 1e-2 ... 1e-6: `--grid lightgcn`)")
+        g.add_argument("--n_layers", default=3, type=int, help="K: propagation layers")
         add_pairwise_args(g)
 
     @classmethod

@@ -38,11 +38,7 @@ class VBPR(PairwiseModel):
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("vbpr (MMRec configs/model/VBPR.yaml)")
-        g.add_argument("--embedding_size", default=64, type=int, help="d: size of Γ and of the visual part")
-        g.add_argument("--reg_weight", default=1e-4, type=float,
-                       help="λ of EmbLoss (MMRec grid 2.0, 1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-5: `--grid vbpr`)")
-        add_pairwise_args(g)
+        add_pairwise_args(parser.add_argument_group("vbpr (MMRec configs/model/VBPR.yaml)"))  # embedding_size, reg_weight
 
     def embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.user_emb, torch.cat([self.item_emb, self.item_linear(self.features)], dim=1)

@@ -79,6 +79,8 @@ def gen_dir(tmp_path_factory) -> Path:
 
 
 def tiny_args(data_dir: Path, out_dir: Path, *extra: str, data: str = "tiny") -> list:
-    """A fast command line for a tiny dataset."""
-    return ["--data", data, "--data_dir", str(data_dir), "--epoch", "1", "--dims", "[16]", "--latdim", "8",
-            "--quiet", "--out_dir", str(out_dir), *extra]
+    """A fast command line for a tiny dataset (DiffMM's small sizes unless another --model is named)."""
+    model = extra[list(extra).index("--model") + 1] if "--model" in extra else "diffmm"
+    small = ["--dims", "[16]", "--latdim", "8"] if model == "diffmm" else []
+    return ["--data", data, "--data_dir", str(data_dir), "--epoch", "1", *small, "--quiet", "--out_dir", str(out_dir),
+            *extra]

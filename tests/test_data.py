@@ -1,4 +1,4 @@
-"""SPEC §1-§2, §5 (graph rebuild) and §6.3: loading, graph normalisation, negatives, generated graphs."""
+"""Loading, graph normalisation, negatives, generated graphs."""
 from __future__ import annotations
 
 import math
@@ -218,7 +218,7 @@ def _trainer(tiny_dir, *extra):
 
 
 def ref_denoise(den, x, T=5, s=0.1, gmin=1e-4, gmax=0.02):
-    """SPEC §5 sampling with sampling_steps 0 and no noise: x ← posterior mean, t = T-1 .. 0 (float64)."""
+    """Reverse sampling (Eq. 12) with sampling_steps 0 and no noise: x ← posterior mean, t = T-1 .. 0 (float64)."""
     var = [s * gmin + (s * gmax - s * gmin) * t / (T - 1) for t in range(T)]
     abar0 = [1 - v for v in var]
     betas = [1e-4] + [min(1 - abar0[t] / abar0[t - 1], 0.999) for t in range(1, T)]

@@ -1,4 +1,4 @@
-"""SPEC §5: noise schedule, DDPM posterior, q_sample, ELBO weights, training loss, sampling, denoiser.
+"""DiffMM diffusion (paper Eq. 2-14): noise schedule, DDPM posterior, q_sample, ELBO weights, training loss, sampling, denoiser.
 
 Every reference is written here from the closed forms (explicit loops, float64 numpy)."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------------------------------------
 
 def ref_schedule(s, gmin, gmax, T):
-    """betas by the SPEC §5 recipe, element by element."""
+    """betas by the authors' recipe (README: diffusion schedule), element by element."""
     if T == 1:
         variance = [s * gmin]
     else:

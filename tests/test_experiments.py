@@ -262,6 +262,26 @@ def test_sweep_two_cells_then_nothing_new(data_dir, tmp_path):
     assert again["ran"] == [] and len(again["skipped"]) == 2
 
 
+def test_model_grid_preset_runs_mmrecs_grid_and_selects_on_validation(data_dir, tmp_path):
+    sweep_dir = tmp_path / "mfgrid"
+    base = ["--data", "tiny", "--data_dir", str(data_dir), "--epoch", "2", "--quiet"]
+    assert sweep.main(["--grid", "mf", "--sweep_dir", str(sweep_dir), *base]) == 0
+    values = ["2.0", "1.0", "0.1", "0.01", "0.001", "0.0001", "1e-05"]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(f"reg_weight={v}" for v in values)
+    summary = json.loads((sweep_dir / "reg_weight=2.0" / "seed421" / "summary.json").read_text())
+    assert summary["model"] == "mf" and summary["config"]["reg_weight"] == 2.0
+    with open(sweep_dir / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    best_val = max(rows, key=lambda r: float(r["val_Recall@20_mean"]))
+    assert f"Selected (best mean validation Recall@20): reg_weight={best_val['reg_weight']}" in \
+        (sweep_dir / "table.md").read_text()
+    mmrec = sweep.sweep(sweep.preset("mf"), [421], sweep_dir, base + ["--model", "mf"], select="mmrec")
+    assert mmrec["ran"] == [] and mmrec["selected"] == max(mmrec["rows"], key=lambda r: r["test_Recall@20_mean"])
+    assert sweep.preset("lightgcn") == {"n_layers": ["1", "2", "3", "4"],
+                                        "reg_weight": ["0.01", "0.001", "0.0001", "1e-05", "1e-06"]}
+    assert sweep.main(["--grid", "nomodel", "--sweep_dir", str(tmp_path / "x"), *base]) == 2
+
+
 def test_sweep_rejects_bad_grids():
     for bad in (["nonsense=1,2"], ["temp"], ["seed=1,2"]):
         with pytest.raises(ValueError):

@@ -1,9 +1,8 @@
-"""SPEC §3-§4: the recommender's main view and contrastive views, InfoNCE, the contrastive and BPR losses.
+"""DiffMM (paper Eq. 15-23, 18-19, 25): the recommender's main view and contrastive views, InfoNCE, the contrastive and BPR losses.
 
-The reference is a plain dense float64 numpy transcription of SPEC §3, one modality at a time."""
+The reference is a plain dense float64 numpy transcription of the authors' forward (README: modality aggregation), one modality at a time."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -54,7 +53,7 @@ def t_l2_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def ref_forward(P, adj, graphs, feats, trans, gnn_layer, ris_lambda, ris_adj_lambda):
-    """SPEC §3 transcribed with dense float64 torch matrices, one modality at a time (no sharing)."""
+    """The authors' forward transcribed with dense float64 torch matrices, one modality at a time (no sharing)."""
     adj = torch.as_tensor(adj)
     Eu, Ei = P["user_emb"], P["item_emb"]
     U = Eu.shape[0]

@@ -1,4 +1,4 @@
-"""SPEC §8: every flag of the authors' command line with its name, type and default; parsing fixes."""
+"""Every flag of the authors' command line with its name, type and default; parsing fixes."""
 from __future__ import annotations
 
 import builtins
@@ -7,10 +7,10 @@ import pytest
 
 from Params import build_parser, parse_args
 
-# name -> (type of the parsed default, default) as in SPEC §8.
+# name -> (type of the parsed default, default) as in the DiffMM authors' parser.py.
 # NOTE: the authors' `data` default names a dataset they never shipped; here it is 'synthetic' by design
 # (the generated dataset, written on first use) so that `python Main.py` runs out of the box.
-SPEC_FLAGS = {
+AUTHORS_FLAGS = {
     "lr": (float, 1e-3), "batch": (int, 1024), "tstBat": (int, 256), "reg": (float, 1e-5), "epoch": (int, 50),
     "latdim": (int, 64), "gnn_layer": (int, 1), "topk": (int, 20), "data": (str, "synthetic"),
     "ssl_reg": (float, 1e-2), "temp": (float, 0.5), "tstEpoch": (int, 1), "gpu": (str, "0"), "seed": (int, 421),
@@ -22,9 +22,9 @@ SPEC_FLAGS = {
 EXAMPLES = {float: ("0.25", 0.25), int: ("3", 3), str: ("abc", "abc")}
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_FLAGS))
+@pytest.mark.parametrize("name", sorted(AUTHORS_FLAGS))
 def test_flag_default_and_type(name):
-    kind, default = SPEC_FLAGS[name]
+    kind, default = AUTHORS_FLAGS[name]
     args = parse_args([])
     value = getattr(args, name)
     assert type(value) is kind, (name, type(value))
@@ -33,9 +33,9 @@ def test_flag_default_and_type(name):
     assert f"--{name}" in options
 
 
-@pytest.mark.parametrize("name", sorted(n for n, (k, _) in SPEC_FLAGS.items() if k in EXAMPLES))
+@pytest.mark.parametrize("name", sorted(n for n, (k, _) in AUTHORS_FLAGS.items() if k in EXAMPLES))
 def test_flag_parses_its_type(name):
-    kind, _ = SPEC_FLAGS[name]
+    kind, _ = AUTHORS_FLAGS[name]
     text, value = EXAMPLES[kind]
     if name in ("trans", "cl_method"):
         text, value = "1", 1

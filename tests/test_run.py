@@ -1,4 +1,4 @@
-"""SPEC §6-§7 end to end: determinism, the run folder, early stopping, cut-offs; two slow full runs."""
+"""End to end: determinism, the run folder, early stopping, cut-offs; two slow full runs."""
 from __future__ import annotations
 
 import json

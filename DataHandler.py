@@ -18,18 +18,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from Utils.formats import DataError, detect_layout, read_splits
+
 log = logging.getLogger("diffmm")
 
-SPLITS = ("trnMat", "valMat", "tstMat")
 MODALITY_ORDER = ("image", "text", "audio")
 RELEASED_DATA_HINT = (
     "the released TikTok/Baby/Sports files come from https://github.com/HKUDS/DiffMM (Datasets/, Sports on "
     "the Google Drive link of its Datasets/README.md); see Datasets/README.md"
 )
-
-
-class DataError(Exception):
-    """Bad input data: the message is one sentence saying what is wrong, where, and what to do."""
 
 
 @dataclass
@@ -131,7 +128,7 @@ def modality_rank(name: str) -> tuple:
     return (MODALITY_ORDER.index(name), "") if name in MODALITY_ORDER else (len(MODALITY_ORDER), name)
 
 
-def load_features(path: Path, n_items: int) -> np.ndarray:
+def load_features(path: Path, n_items: Optional[int]) -> np.ndarray:
     """Load an I x d_m feature array (plain or zipped .npy) as float32, checking shape and values."""
     try:
         if path.suffix == ".zip":
@@ -147,7 +144,7 @@ def load_features(path: Path, n_items: int) -> np.ndarray:
                         f"re-download or re-export it.") from None
     if array.ndim != 2:
         raise DataError(f"{path} has shape {array.shape}, but a feature file must be 2-D (items x dimensions).")
-    if array.shape[0] != n_items:
+    if n_items is not None and array.shape[0] != n_items:
         raise DataError(f"{path} has {array.shape[0]} rows, but the train matrix has {n_items} items; "
                         f"row i must hold the features of item i.")
     array = array.astype(np.float32)
@@ -158,34 +155,46 @@ def load_features(path: Path, n_items: int) -> np.ndarray:
 
 
 def available_datasets(data_dir: Path) -> List[str]:
-    return sorted(p.name for p in data_dir.glob("*") if (p / "trnMat.pkl").is_file())
+    found = []
+    for folder in sorted(p for p in data_dir.glob("*") if p.is_dir()):
+        try:
+            detect_layout(folder)
+            found.append(folder.name)
+        except DataError:
+            pass
+    return found
+
+
+def feature_rows(path: Path) -> int:
+    """The number of rows of a feature file, read from its header only where it can be."""
+    if path.suffix == ".npy":
+        try:
+            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+        except Exception:
+            pass
+    return load_features(path, None).shape[0]
 
 
 def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = None,
-              needs_features: bool = True) -> Data:
-    """Read `<data_dir>/<name>/`: the three splits and the feature file of every chosen modality.
+              needs_features: bool = True, layout: str = "auto") -> Data:
+    """Read `<data_dir>/<name>/` in any layout (Utils/formats.py): the three splits and the feature file
+    of every chosen modality.
 
-    `needs_features=False` (a model that uses no item features): no feature file is read or required.
+    `needs_features=False` (a model that uses no item features): no feature file is read or required
+    (their row count still fixes the number of items of the id-list layouts).
     """
     folder = data_dir / name
     if not folder.is_dir():
         found = ", ".join(available_datasets(data_dir)) or "none"
         raise DataError(f"unknown dataset {name!r}: there is no folder {folder} (datasets found in {data_dir}: "
                         f"{found}); {RELEASED_DATA_HINT}.")
-    train, val, test = (load_matrix(folder / f"{split}.pkl") for split in SPLITS)
-    for split, matrix in (("valMat", val), ("tstMat", test)):
-        if matrix.shape != train.shape:
-            raise DataError(f"{folder / (split + '.pkl')} has shape {matrix.shape} but trnMat.pkl has "
-                            f"{train.shape}; all three splits must be users x items of the same size.")
-    if test.nnz == 0:
-        raise DataError(f"{folder / 'tstMat.pkl'} holds no interaction, so there is nothing to evaluate on.")
-    if val.nnz == 0:
-        raise DataError(f"{folder / 'valMat.pkl'} holds no interaction, so the validation protocol cannot select "
-                        f"an epoch; put held-out interactions in it (the released datasets have them).")
+    layout = detect_layout(folder) if layout == "auto" else layout
+    files = feature_files(folder)
+    n_items_hint = feature_rows(next(iter(files.values()))) if files and layout != "diffmm" else None
+    train, val, test = read_splits(folder, layout, n_items_hint)
 
     if not needs_features:
         return Data(name=name, train=train, val=val, test=test)
-    files = feature_files(folder)
     if modalities:
         missing = [m for m in modalities if m not in files]
         if missing:

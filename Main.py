@@ -25,8 +25,9 @@ from DataHandler import Data, DataError, load_data
 from Models import get_model
 from Models.base import RecModel
 from Params import parse_args
-from Utils.helpers import (PhaseTimer, UsageError, cpu_has_bf16_units, device_name, make_run_dir, package_versions,
-                           resolve_device, run_log, seed_everything, setup_logging)
+from Utils.helpers import (PhaseTimer, UsageError, atomic_torch_save, atomic_write_text, cpu_has_bf16_units,
+                           device_name, duration, make_run_dir, package_versions, resolve_device, rng_state, run_log,
+                           seed_everything, set_rng_state, setup_logging)
 from Utils.metrics import dot_scorer, evaluate, group_metrics, per_user_metrics, popularity_scores
 from Utils.synthetic import write_synthetic
 
@@ -39,7 +40,7 @@ def load_run_data(args: argparse.Namespace, needs_features: bool) -> Data:
     if args.data == "synthetic" and not (data_dir / "synthetic" / "trnMat.pkl").is_file():
         log.info(f"writing the generated dataset to {data_dir / 'synthetic'} (generated, not real data)")
         write_synthetic(data_dir / "synthetic")
-    return load_data(args.data, data_dir, args.modalities, needs_features=needs_features)
+    return load_data(args.data, data_dir, args.modalities, needs_features=needs_features, layout=args.format)
 
 
 @torch.no_grad()
@@ -67,6 +68,26 @@ def build_model(args: argparse.Namespace, data: Data, device: torch.device) -> R
     return get_model(args.model)(args, data, device)
 
 
+def load_trained(run_dir: Path, data_dir: Optional[str] = None, device: str = "auto") -> tuple:
+    """(args, data, model) of a finished run: best_model.pt's configuration and state, ready to score.
+
+    `data_dir` points to the dataset's folder when it has moved since the run; the model is in eval mode.
+    """
+    path = Path(run_dir) / "best_model.pt"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist: {run_dir} is not a finished run folder of this package, or it "
+                         f"ran with --save_model false.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**state["config"])
+    if data_dir is not None:
+        args.data_dir = data_dir
+    data = load_run_data(args, get_model(args.model).needs_features)
+    model = build_model(args, data, resolve_device(device, args.gpu))
+    model.load_checkpoint_state(state)
+    model.eval()
+    return args, data, model
+
+
 def fmt(metrics: Dict[str, float], k: int) -> str:
     return " ".join(f"{name}@{k}={metrics[f'{name}@{k}']:.4f}" for name in ("Recall", "NDCG", "Precision"))
 
@@ -77,12 +98,23 @@ def loss_text(losses: Dict[str, float]) -> str:
     return f"loss {losses.get('loss', 0.0):.4f}" + (f" ({terms})" if terms else "")
 
 
+class TrainingStopped(Exception):
+    """The run stopped before its last epoch (a non-finite loss, Ctrl-C): one sentence, and the exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train and evaluate one configuration; write the run folder; return the summary.
 
+    `--resume RUN_DIR` continues a run from RUN_DIR/last.pt, the state after its last completed epoch.
     Logging: adds the run's log.txt to the 'diffmm' logger for the run's duration and removes it
     afterwards; the caller's console set-up is left as it is.
     """
+    if args.resume:
+        return resume(Path(args.resume), quiet=args.quiet)
     device = resolve_device(args.device, args.gpu)
     model_class = get_model(args.model)
     data = load_run_data(args, model_class.needs_features)
@@ -94,8 +126,29 @@ def run(args: argparse.Namespace) -> dict:
         return train_and_report(args, data, device, run_dir)
 
 
-def train_and_report(args: argparse.Namespace, data: Data, device: torch.device, run_dir: Path) -> dict:
-    log.info("configuration: " + json.dumps(vars(args), sort_keys=True))
+def resume(run_dir: Path, quiet: bool = False) -> dict:
+    """Continue the run in `run_dir` from its last completed epoch, with its own configuration."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise UsageError(f"{run_dir} has no last.pt, so there is no run to resume there (is it a run folder of "
+                         f"this package?).")
+    state = torch.load(last, weights_only=True)
+    args = argparse.Namespace(**state["config"])
+    args.quiet, args.resume = quiet or args.quiet, None
+    if state["harness"]["finished"]:
+        raise UsageError(f"the run in {run_dir} has already finished ({len(state['harness']['history'])} epochs); "
+                         f"its results are in {run_dir / 'summary.json'}.")
+    device = resolve_device(args.device, args.gpu)
+    data = load_run_data(args, get_model(args.model).needs_features)
+    with run_log(run_dir):
+        log.info(f"resuming {run_dir} after epoch {state['harness']['history'][-1]['epoch']}")
+        return train_and_report(args, data, device, run_dir, state)
+
+
+def train_and_report(args: argparse.Namespace, data: Data, device: torch.device, run_dir: Path,
+                     resume_state: Optional[dict] = None) -> dict:
+    if resume_state is None:
+        log.info("configuration: " + json.dumps(vars(args), sort_keys=True))
     modalities = ", ".join(f"{m} ({f.shape[1]}-d)" for m, f in data.features.items()) or "none used"
     log.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train / "
              f"{data.val.nnz} val / {data.test.nnz} test interactions; modalities {modalities}; "
@@ -111,45 +164,85 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
                   for split, heldout in (("val", data.val), ("test", data.test))}
     log.info(f"popularity baseline, test: {fmt(popularity['test'], k)}")
 
-    history: List[dict] = []
-    best = {"paper": None, "validation": None}
-    stale = 0
-    with open(run_dir / "metrics.jsonl", "w") as metrics_file:
-        for epoch in range(args.epoch):
-            timer = PhaseTimer(device)
-            model.train()
-            model.pre_epoch(epoch, timer)
-            record = {"epoch": epoch, **model.train_epoch(epoch, timer)}
-            if epoch % args.tstEpoch == 0 or epoch == args.epoch - 1:
-                with timer.phase("evaluation"):
-                    record.update(evaluate_model(model, data, args))
-            record["seconds"] = dict(timer.seconds, epoch=sum(timer.seconds.values()))
-            history.append(record)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+    # everything the epoch loop carries from one epoch to the next; saved in last.pt after every epoch
+    state = {"history": [], "best": {"paper": None, "validation": None}, "stale": 0, "finished": False}
+    if resume_state is not None:
+        model.load_training_state(resume_state["model"])
+        state = resume_state["harness"]
+        set_rng_state(resume_state["rng"])
+    history, best = state["history"], state["best"]
+    start = history[-1]["epoch"] + 1 if history else 0
+    stopped = None
+    for epoch in range(start, args.epoch):
+        try:
+            record = train_one_epoch(model, data, args, epoch)
+        except KeyboardInterrupt:
+            stopped = {"reason": f"interrupted (Ctrl-C) during epoch {epoch}", "epoch": epoch, "exit_code": 130}
+            break
+        bad = non_finite_loss(record, model)
+        if bad:
+            stopped = {"reason": f"epoch {epoch}, phase {bad}: the loss is not finite", "epoch": epoch, "exit_code": 3}
+            break
+        history.append(record)
+        line = f"epoch {epoch}/{args.epoch}: {loss_text(record.get('loss', {}))}, {record['seconds']['epoch']:.1f}s"
+        if "test" in record:
+            line += f" | val {fmt(record['val'], k)} | test {fmt(record['test'], k)}"
+            if best["paper"] is None or record["test"][f"Recall@{k}"] > best["paper"]["test"][f"Recall@{k}"]:
+                best["paper"] = record
+            if best["validation"] is None or record["val"][f"Recall@{k}"] > best["validation"]["val"][f"Recall@{k}"]:
+                best["validation"], state["stale"] = record, 0
+                if args.save_model:
+                    save_checkpoint(model, args, run_dir / "best_model.pt", epoch)
+            else:
+                state["stale"] += 1
+        early_stop = bool(args.patience and state["stale"] >= args.patience)
+        state["finished"] = early_stop or epoch == args.epoch - 1
+        remaining = 0 if state["finished"] else args.epoch - 1 - epoch
+        log.info(line + f" | {duration(np.mean([h['seconds']['epoch'] for h in history]) * remaining)} left")
+        # the epoch's outputs, each written atomically (a kill leaves the previous epoch's files whole), the
+        # checkpoint first, so that metrics.jsonl never runs ahead of what --resume continues from
+        atomic_torch_save({"config": vars(args), "model": model.training_state(), "harness": state,
+                           "rng": rng_state()}, run_dir / "last.pt")
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        if early_stop:
+            log.info(f"early stop: validation Recall@{k} did not improve for {args.patience} evaluations")
+            break
 
-            line = f"epoch {epoch}/{args.epoch}: {loss_text(record.get('loss', {}))}, {record['seconds']['epoch']:.1f}s"
-            if "test" in record:
-                line += f" | val {fmt(record['val'], k)} | test {fmt(record['test'], k)}"
-                if best["paper"] is None or record["test"][f"Recall@{k}"] > best["paper"]["test"][f"Recall@{k}"]:
-                    best["paper"] = record
-                if best["validation"] is None or record["val"][f"Recall@{k}"] > best["validation"]["val"][f"Recall@{k}"]:
-                    best["validation"], stale = record, 0
-                    if args.save_model:
-                        save_checkpoint(model, args, run_dir / "best_model.pt", epoch)
-                else:
-                    stale += 1
-            log.info(line)
-            if args.patience and stale >= args.patience:
-                log.info(f"early stop: validation Recall@{k} did not improve for {args.patience} evaluations")
-                break
     model.save_artifacts(run_dir)
-
     summary = make_summary(args, data, device, history, best, popularity)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if stopped is not None:
+        summary["stopped"] = {"reason": stopped["reason"], "epoch": stopped["epoch"],
+                              "resume": f"python Main.py --resume {run_dir}"}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if stopped is not None:
+        last = f"epoch {history[-1]['epoch']}" if history else "none: no epoch completed"
+        raise TrainingStopped(f"{stopped['reason']}; stopped. The last good checkpoint ({last}) is kept in "
+                              f"{run_dir / 'last.pt'} and summary.json says why.", stopped["exit_code"])
     report(summary, run_dir)
     write_curves(run_dir)
     return summary
+
+
+def train_one_epoch(model: RecModel, data: Data, args: argparse.Namespace, epoch: int) -> dict:
+    """pre_epoch, train_epoch (timed by phase) and, every --tstEpoch epochs and at the last, evaluation."""
+    timer = PhaseTimer(model.device)
+    model.train()
+    model.pre_epoch(epoch, timer)
+    record = {"epoch": epoch, **model.train_epoch(epoch, timer)}
+    if epoch % args.tstEpoch == 0 or epoch == args.epoch - 1:
+        with timer.phase("evaluation"):
+            record.update(evaluate_model(model, data, args))
+    record["seconds"] = dict(timer.seconds, epoch=sum(timer.seconds.values()))
+    return record
+
+
+def non_finite_loss(record: dict, model: RecModel) -> Optional[str]:
+    """'recommender (bpr = nan)' for the first non-finite loss term of an epoch's record, else None."""
+    for group, phase in model.loss_phases.items():
+        for term, value in (record.get(group) or {}).items():
+            if not np.isfinite(value):
+                return f"{phase} ({term} = {value})"
+    return None
 
 
 def write_curves(run_dir: Path) -> None:
@@ -162,25 +255,29 @@ def write_curves(run_dir: Path) -> None:
 
 
 def save_checkpoint(model: RecModel, args: argparse.Namespace, path: Path, epoch: int) -> None:
-    torch.save({"epoch": epoch, "model": args.model, "config": vars(args), **model.checkpoint_state()}, path)
+    atomic_torch_save({"epoch": epoch, "model": args.model, "config": vars(args), **model.checkpoint_state()}, path)
 
 
 def make_summary(args: argparse.Namespace, data: Data, device: torch.device, history: List[dict], best: dict,
                  popularity: dict) -> dict:
     phases = list(dict.fromkeys(p for h in history for p in h["seconds"] if p != "epoch"))
     per_phase = {p: [h["seconds"].get(p, 0.0) for h in history] for p in phases}
-    epoch_seconds = [h["seconds"]["epoch"] for h in history]
+    epoch_seconds = [h["seconds"]["epoch"] for h in history] or [0.0]
     evaluated = [h for h in history if "test" in h]
+
+    def protocol(record: Optional[dict], description: str) -> Optional[dict]:
+        if record is None:  # no evaluation yet (a run stopped in its first epoch)
+            return None
+        return {"description": description, "epoch": record["epoch"], "val": record["val"], "test": record["test"]}
+
     return {
         "model": args.model,
         "data": {"name": data.name, "users": data.n_users, "items": data.n_items, "train": int(data.train.nnz),
                  "val": int(data.val.nnz), "test": int(data.test.nnz), "modalities": data.modalities},
         "protocols": {
-            "paper": {"description": "epoch with the best test Recall (the authors' protocol)",
-                      "epoch": best["paper"]["epoch"], "test": best["paper"]["test"], "val": best["paper"]["val"]},
-            "validation": {"description": "epoch with the best validation Recall; test reported at that epoch",
-                           "epoch": best["validation"]["epoch"], "val": best["validation"]["val"],
-                           "test": best["validation"]["test"]},
+            "paper": protocol(best["paper"], "epoch with the best test Recall (the authors' protocol)"),
+            "validation": protocol(best["validation"], "epoch with the best validation Recall; test reported at "
+                                                       "that epoch"),
         },
         "groups": {"description": "test metrics per user group by number of train interactions ([low, high) "
                                   "each, the last open-ended) at the validation protocol's epoch (paper Figure 2)",
@@ -219,6 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, UsageError) as e:
         log.error(f"error: {e}")
         return 2
+    except TrainingStopped as e:
+        log.error(f"error: {e}")
+        return e.exit_code
     return 0
 
 

@@ -380,6 +380,7 @@ class DiffMM(RecModel):
     paper = "DiffMM: multi-modal diffusion model for recommendation (Jiang et al., ACM MM 2024)"
     needs_features = True
     phases = ("denoiser", "rebuild", "negatives", "recommender")
+    loss_phases = {"loss": "recommender", "denoiser_loss": "denoiser"}
 
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)
@@ -559,11 +560,18 @@ class DiffMM(RecModel):
         return user_vec, item_vec
 
     def checkpoint_state(self) -> dict:
-        return {"recommender": self.recommender.state_dict(), "denoisers": self.denoisers.state_dict()}
+        """The recommender, the denoisers, and what its scores need besides: the epoch's generated graphs
+        used at evaluation (--eval_graph), so a reloaded model scores exactly as it did."""
+        graphs = {m: g[self.args.eval_graph].state() for m, g in self.graphs.items()}
+        return {"recommender": self.recommender.state_dict(), "denoisers": self.denoisers.state_dict(),
+                "eval_graphs": graphs, "generated": {m: torch.from_numpy(t) for m, t in self.generated.items()}}
 
     def load_checkpoint_state(self, state: dict) -> None:
         self.recommender.load_state_dict(state["recommender"])
         self.denoisers.load_state_dict(state["denoisers"])
+        self.graphs = {m: {self.args.eval_graph: Graph.from_state(g, self.device)}
+                       for m, g in state["eval_graphs"].items()}
+        self.generated = {m: t.numpy() for m, t in state["generated"].items()}
 
     def save_artifacts(self, run_dir: Path) -> None:
         """generated_items.npz: the last epoch's top items per modality (U x rebuild_k), for Figure 5."""

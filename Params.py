@@ -89,6 +89,8 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="Datasets", type=str, help="folder holding one sub-folder per dataset")
     g.add_argument("--modalities", default=None, type=name_list,
                    help="comma-separated modalities to use (default: every <name>_feat.npy[.zip] present)")
+    g.add_argument("--format", default="auto", choices=["auto", "diffmm", "mmrec", "mmssl"],
+                   help="layout of the dataset folder (Datasets/README.md); auto = detected from the files present")
 
     g = p.add_argument_group("optimisation (every model)")
     g.add_argument("--lr", default=1e-3, type=float, help="learning rate (of every Adam)")
@@ -115,6 +117,9 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g.add_argument("--out_dir", default=None, type=str, help="run folder (default runs/<data>-<model>-<timestamp>)")
     g.add_argument("--quiet", default=False, type=str2bool, nargs="?", const=True, help="no progress bars")
     g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
+    g.add_argument("--resume", default=None, type=str, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last completed epoch (its configuration is used; "
+                        "every other flag is ignored)")
 
     model_class = get_model(model)
     model_class.add_args(p)

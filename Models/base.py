@@ -11,8 +11,9 @@ built on it only says how to score and what its batch loss is.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterable, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ class RecModel(nn.Module):
     paper: ClassVar[str] = ""                   # one line: the method and where it was published
     needs_features: ClassVar[bool] = False      # True: at least one modality's feature file must be present
     phases: ClassVar[Tuple[str, ...]] = ("recommender",)   # the phases train_epoch times, in order
+    # which phase each loss group of train_epoch's result belongs to (a non-finite loss names it)
+    loss_phases: ClassVar[Dict[str, str]] = {"loss": "recommender"}
     defaults: ClassVar[Dict[str, object]] = {}  # harness flags whose default differs for this model
     grid: ClassVar[Dict[str, list]] = {}        # its hyper-parameter grid: `Experiments.sweep --grid NAME`
 
@@ -78,6 +81,26 @@ class RecModel(nn.Module):
     def load_checkpoint_state(self, state: dict) -> None:
         self.load_state_dict(state["state_dict"])
 
+    def training_state(self) -> dict:
+        """What resuming needs: `checkpoint_state()` plus the state of every optimiser, LR scheduler and
+        numpy Generator the model holds as an attribute (or as the values of a dict attribute)."""
+        return {"checkpoint": self.checkpoint_state(),
+                "stateful": {name: _state_of(value) for name, value in self._stateful()}}
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_checkpoint_state(state["checkpoint"])
+        for name, value in self._stateful():
+            _load_state(value, state["stateful"][name])
+
+    def _stateful(self) -> List[Tuple[str, object]]:
+        found = []
+        for name, value in sorted(vars(self).items()):
+            if isinstance(value, dict) and value and all(_is_stateful(v) for v in value.values()):
+                found.append((name, value))
+            elif _is_stateful(value):
+                found.append((name, value))
+        return found
+
     def save_artifacts(self, run_dir: Path) -> None:
         """Write model-specific files into the run folder at the end of the run (DiffMM: generated items)."""
 
@@ -87,7 +110,31 @@ class RecModel(nn.Module):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
 
     def progress(self, iterable: Iterable, desc: str) -> Iterable:
-        return tqdm(iterable, desc=desc, leave=False, disable=self.args.quiet, dynamic_ncols=True)
+        """A progress bar, only on a terminal (a log file of `nohup` would fill with bar fragments)."""
+        quiet = self.args.quiet or not sys.stderr.isatty()
+        return tqdm(iterable, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
+
+
+def _is_stateful(value: object) -> bool:
+    return isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, np.random.Generator))
+
+
+def _state_of(value):
+    if isinstance(value, dict):
+        return {k: _state_of(v) for k, v in value.items()}
+    if isinstance(value, np.random.Generator):
+        return value.bit_generator.state
+    return value.state_dict()
+
+
+def _load_state(value, state) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _load_state(v, state[k])
+    elif isinstance(value, np.random.Generator):
+        value.bit_generator.state = state
+    else:
+        value.load_state_dict(state)
 
 
 def add_pairwise_args(group: argparse._ArgumentGroup, reg_weight: float = 1e-4) -> None:
@@ -146,9 +193,16 @@ class PairwiseModel(RecModel):
         gamma, step = self.args.learning_rate_scheduler
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: gamma ** (epoch / step))
 
-    def train_epoch(self, epoch: int, timer: PhaseTimer) -> Losses:
+    def _ensure_optimizer(self) -> None:
         if self._optimizer is None:  # built on first use, after the subclass made its parameters
             self._optimizer, self._scheduler = self.configure_optimizer()
+
+    def load_training_state(self, state: dict) -> None:
+        self._ensure_optimizer()
+        super().load_training_state(state)
+
+    def train_epoch(self, epoch: int, timer: PhaseTimer) -> Losses:
+        self._ensure_optimizer()
         negatives = None
         if self.uses_negatives:
             with timer.phase("negatives"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import random
 import sys
@@ -55,9 +56,67 @@ def make_run_dir(out_dir: Optional[str], data: str) -> Path:
     path = Path(out_dir) if out_dir else Path("runs") / f"{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(f"the output folder {path} already exists and is not empty; pass another --out_dir "
-                         f"(nothing there is overwritten).")
-    path.mkdir(parents=True, exist_ok=True)
+                         f"(nothing there is overwritten), or --resume {path} to continue its run.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {path} ({e.strerror or e}); pass an --out_dir you "
+                         f"can write to.") from None
     return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through a temporary file in the same folder and rename it into place, so that a kill
+    leaves either the old file or the new one, never half of one. `write(tmp_path)` writes the content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path} ({e.strerror or e}); free some space or make the folder writable, "
+                         f"then resume with --resume {path.parent}.") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def rng_state() -> dict:
+    """The state of every global random generator a run draws from (Python, NumPy's legacy one, torch),
+    as types `torch.load(weights_only=True)` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    legacy = state["numpy"]
+    np.random.set_state(("MT19937", legacy["keys"].numpy().astype(np.uint32), legacy["pos"], legacy["has_gauss"],
+                         legacy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def duration(seconds: float) -> str:
+    """'1h 02m', '12m 30s' or '45s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -6,8 +6,6 @@ are in `Utils/kernels.py`.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
-
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -41,6 +39,17 @@ class Graph:
 
     def to_dense(self) -> torch.Tensor:
         return self.matrix.to_dense()
+
+    def state(self) -> dict:
+        """The matrix as plain CPU tensors, for a checkpoint that loads with `torch.load(weights_only=True)`."""
+        return {"indptr": self.matrix.crow_indices().cpu(), "indices": self.matrix.col_indices().cpu(),
+                "data": self.matrix.values().cpu(), "shape": list(self.shape)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> "Graph":
+        matrix = sp.csr_matrix((state["data"].numpy(), state["indices"].numpy(), state["indptr"].numpy()),
+                               shape=tuple(state["shape"]))
+        return cls(matrix, device)
 
 
 def propagate(graph: Graph, x: torch.Tensor, layers: int, pooling: str = "mean") -> torch.Tensor:
@@ -94,11 +103,3 @@ def xavier_uniform(*shape: int) -> torch.nn.Parameter:
 def xavier_normal(*shape: int) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.nn.init.xavier_normal_(torch.empty(*shape)))
 
-
-def l2_rows(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise L2 normalisation (F.normalize with eps 1e-12, as every model here uses it)."""
-    return F.normalize(x, dim=-1)
-
-
-__all__: Sequence[str] = ("Graph", "bpr_loss", "emb_loss", "info_nce", "propagate", "to_torch_csr",
-                          "xavier_normal", "xavier_uniform", "l2_rows")

@@ -25,8 +25,8 @@ from DataHandler import Data, DataError, load_data
 from Models import get_model
 from Models.base import RecModel
 from Params import parse_args
-from Utils.helpers import (PhaseTimer, UsageError, atomic_torch_save, atomic_write_text, cpu_has_bf16_units,
-                           device_name, duration, make_run_dir, package_versions, resolve_device, rng_state, run_log,
+from Utils.helpers import (PhaseTimer, UsageError, atomic_torch_save, atomic_write_text, bf16_speedup,
+                           cpu_flags, device_name, duration, make_run_dir, package_versions, resolve_device, rng_state, run_log,
                            seed_everything, set_rng_state, setup_logging)
 from Utils.metrics import dot_scorer, evaluate, group_metrics, per_user_metrics, popularity_scores
 from Utils.synthetic import write_synthetic
@@ -153,9 +153,13 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
     log.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train / "
              f"{data.val.nnz} val / {data.test.nnz} test interactions; modalities {modalities}; "
              f"model {args.model}; device {device_name(device)}")
-    if args.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
-        log.warning("warning: this CPU has no bf16 matrix units (no AMX or AVX512-BF16), so --precision bf16 "
-                    "runs much slower than fp32 here")
+    if args.precision == "bf16" and device.type == "cpu":
+        speedup = bf16_speedup()
+        if speedup < 1.0:
+            units = "AMX" if "amx_bf16" in cpu_flags() else "AVX512-BF16 but no AMX" if "avx512_bf16" in cpu_flags() \
+                else "no bf16 matrix units"
+            log.warning(f"warning: on this CPU ({units}) a bf16 matrix product is {1 / speedup:.1f}x slower than "
+                        f"fp32 (measured now), so --precision bf16 slows this run down; use fp32")
 
     model = build_model(args, data, device)
     k = args.topk
@@ -198,7 +202,8 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
         early_stop = bool(args.patience and state["stale"] >= args.patience)
         state["finished"] = early_stop or epoch == args.epoch - 1
         remaining = 0 if state["finished"] else args.epoch - 1 - epoch
-        log.info(line + f" | {duration(np.mean([h['seconds']['epoch'] for h in history]) * remaining)} left")
+        left = duration(np.mean([h['seconds']['epoch'] for h in history]) * remaining)
+        log.info(line + f" | {'at most ' if args.patience and remaining else ''}{left} left")
         # the epoch's outputs, each written atomically (a kill leaves the previous epoch's files whole), the
         # checkpoint first, so that metrics.jsonl never runs ahead of what --resume continues from
         atomic_torch_save({"config": vars(args), "model": model.training_state(), "harness": state,

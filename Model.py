@@ -20,7 +20,7 @@ from torch import nn
 from DataHandler import Data, dense_rows, normalized_graph, sample_negatives, train_graph, train_pairs, user_batches
 from Models.base import RecModel
 from Utils.helpers import PhaseTimer
-from Utils.layers import Graph, bpr_loss, info_nce, propagate
+from Utils.layers import Graph, bpr_loss, info_nce, propagate, to_torch_csr
 
 Views = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -114,7 +114,7 @@ class Recommender(nn.Module):
 
 
 def contrastive_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, views: Views, users: torch.Tensor,
-                     positives: torch.Tensor, cl_method: int, temp: float) -> torch.Tensor:
+                     positives: torch.Tensor, cl_method: int, temp: float, plain: bool = False) -> torch.Tensor:
     """Cross-modal contrastive loss before the λ1 (ssl_reg) factor (Eq. 18-19).
 
     cl_method 0: every unordered pair of modality views; cl_method 1: the main view against each view.
@@ -125,7 +125,7 @@ def contrastive_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, views: View
         pairs = [((user_vec, item_vec), view) for view in views]
     loss = user_vec.new_zeros(())
     for (user_a, item_a), (user_b, item_b) in pairs:
-        loss = loss + info_nce(user_a, user_b, users, temp) + info_nce(item_a, item_b, positives, temp)
+        loss = loss + info_nce(user_a, user_b, users, temp, plain) + info_nce(item_a, item_b, positives, temp, plain)
     return loss
 
 
@@ -237,14 +237,21 @@ class Denoiser(nn.Module):
             x = message_dropout(x, self.dropout)
         # The first layer on [x ; emb] as two products: same result, but autograd then needs no
         # gradient for the I-wide input x (only for the small step embedding).
+        return self.out_layers[-1](self.hidden(F.linear(x, self.input_weight()), emb))
+
+    def input_weight(self) -> torch.Tensor:
+        """W_x: the first layer's weights on the I item inputs (hidden x I); the rest act on emb(t)."""
+        return self.in_layers[0].weight[:, : self.out_layers[-1].out_features]
+
+    def hidden(self, first_input: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The input of the last (I-wide) layer, from W_x x and the step embedding emb(t)."""
         first = self.in_layers[0]
-        n_items = x.shape[1]
-        h = torch.tanh(F.linear(x, first.weight[:, :n_items]) + F.linear(emb, first.weight[:, n_items:], first.bias))
+        h = torch.tanh(first_input + F.linear(emb, first.weight[:, self.input_weight().shape[1]:], first.bias))
         for layer in self.in_layers[1:]:
             h = torch.tanh(layer(h))
         for layer in self.out_layers[:-1]:
             h = torch.tanh(layer(h))
-        return self.out_layers[-1](h)
+        return h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +344,43 @@ class GaussianDiffusion:
             x = mean
         return x
 
+    @torch.no_grad()
+    def p_sample_hidden(self, denoiser: Denoiser, x0: torch.Tensor, sampling_steps: int,
+                        x0_sparse: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`p_sample` without sampling noise, run in the denoiser's first hidden space (same rows).
+
+        Exact when the denoiser does not normalise its input (`norm` false) and no noise is added
+        (`sampling_noise` false): x enters the network only through a = W_x x, and each reverse step
+        x ← c1_t (W_out z_t + b_out) + c2_t x (Eq. 8, z_t the input of the last layer) maps to
+        a ← c1_t (M z_t + W_x b_out) + c2_t a with M = W_x W_out (hidden x hidden). The rows themselves
+        stay x = W_out S + s b_out + g x_start, with S ← c1 z + c2 S, s ← c1 + c2 s, g ← c2 g, so the
+        whole chain costs one I-wide product at the start (a sparse one when `x0_sparse`, the rows as a
+        sparse CSR tensor, is given and sampling starts at x0) and one at the end, instead of two per step.
+        """
+        n = x0.shape[0]
+        x_start = x0 if sampling_steps == 0 else self.q_sample(x0, torch.full((n,), sampling_steps - 1,
+                                                                              device=x0.device))
+        w_in = denoiser.input_weight()
+        last = denoiser.out_layers[-1]
+        if sampling_steps == 0 and x0_sparse is not None:
+            with torch.autocast(x0.device.type, enabled=False):
+                a = torch.sparse.mm(x0_sparse, w_in.T.float())
+        else:
+            a = F.linear(x_start, w_in)
+        m, v = w_in @ last.weight, w_in @ last.bias
+        total = a.new_zeros(n, last.in_features)
+        bias_scale = 0.0
+        start_scale = 1.0
+        for step in reversed(range(self.steps)):
+            t = torch.full((n,), step, device=x0.device, dtype=torch.long)
+            z = denoiser.hidden(a, denoiser.emb_layer(step_embedding(t, denoiser.emb_size)))
+            c1 = float(self.posterior_mean_coef1[step].float())
+            c2 = float(self.posterior_mean_coef2[step].float())
+            a = c1 * (F.linear(z, m) + v) + c2 * a
+            total = c1 * z + c2 * total
+            bias_scale, start_scale = c1 + c2 * bias_scale, c2 * start_scale
+        return (F.linear(total, last.weight) + bias_scale * last.bias).float() + start_scale * x_start
+
 
 # ---------------------------------------------------------------------------------------------
 # DiffMM: one epoch = 1. every modality's denoiser, 2. every modality graph, 3. negatives and the
@@ -396,13 +440,16 @@ class DiffMM(RecModel):
             self.denoisers = nn.ModuleDict({
                 m: Denoiser(data.n_items, args.dims, args.d_emb_size, args.norm) for m in data.modalities
             }).to(device)
-        self.adj = Graph(train_graph(data.train), device, symmetric=True)
+        self.plain = args.kernels == "plain"  # the reference path of `Experiments.benchmark --compare`
+        self.adj = Graph(train_graph(data.train), device, symmetric=True, plain=self.plain)
         self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device)
         self.optimizer = torch.optim.Adam(self.recommender.parameters(), lr=args.lr, weight_decay=0)
         self.denoiser_optimizers = {m: torch.optim.Adam(d.parameters(), lr=args.lr, weight_decay=0)
                                     for m, d in self.denoisers.items()}
         self.rng = np.random.default_rng(args.seed)
         self.pairs = train_pairs(data.train)
+        # the reverse process in the denoiser's hidden space where that is exact (GaussianDiffusion.p_sample_hidden)
+        self.hidden_reverse = args.reverse == "auto" and not args.norm and not args.sampling_noise
         # the last rebuild: per modality its graphs ("full", "dropped", "view") and top items (U x rebuild_k)
         self.graphs: Dict[str, Dict[str, Graph]] = {}
         self.generated: Dict[str, np.ndarray] = {}
@@ -485,6 +532,11 @@ class DiffMM(RecModel):
             idx = torch.from_numpy(rows).to(self.device)
             if isinstance(denoiser, VGAE):
                 scores = user_z[idx] @ item_z.T
+            elif self.hidden_reverse:
+                with self.autocast():
+                    scores = self.diffusion.p_sample_hidden(
+                        denoiser, dense_rows(self.data.train, rows, self.device), self.args.sampling_steps,
+                        to_torch_csr(self.data.train[rows], self.device))
             else:
                 with self.autocast():
                     scores = self.diffusion.p_sample(denoiser, dense_rows(self.data.train, rows, self.device),
@@ -512,7 +564,7 @@ class DiffMM(RecModel):
             if args.fusion_ratio > 0:
                 graphs[m]["view"] = fused_view_graph(self.data.train, top, args.fusion_ratio, args.fusion_keep,
                                                      args.keepRate, self.rng)
-        out = {m: {k: Graph(g, self.device) for k, g in pair.items()} for m, pair in graphs.items()}
+        out = {m: {k: Graph(g, self.device, plain=self.plain) for k, g in pair.items()} for m, pair in graphs.items()}
         for pair in out.values():
             pair.setdefault("view", pair["dropped"])  # r = 0: the views use Âm itself
         return out
@@ -543,7 +595,7 @@ class DiffMM(RecModel):
             bpr = bpr_loss(user_vec, item_vec, u, p, n, divisor=args.batch)
             reg = args.reg * self.recommender.reg_loss()
             cl = (args.ssl_reg * contrastive_loss(user_vec, item_vec, [(a.float(), b.float()) for a, b in views],
-                                                  u, p, args.cl_method, args.temp)
+                                                  u, p, args.cl_method, args.temp, self.plain)
                   if with_views else torch.zeros((), device=self.device))
             (bpr + reg + cl).backward()
             self.optimizer.step()

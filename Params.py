@@ -114,6 +114,10 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g.add_argument("--gpu", default="0", type=str, help="CUDA device index used when the device is CUDA")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast matrix products to bfloat16 (losses, schedule and metrics stay fp32)")
+    g.add_argument("--kernels", default="fast", choices=["fast", "plain"],
+                   help="fast = the hand-written kernels of Utils/kernels.py (sparse products with a precomputed "
+                        "transpose, fused InfoNCE); plain = torch's straightforward autograd, the reference that "
+                        "`Experiments.benchmark --compare` measures them against (same math)")
     g.add_argument("--out_dir", default=None, type=str, help="run folder (default runs/<data>-<model>-<timestamp>)")
     g.add_argument("--quiet", default=False, type=str2bool, nargs="?", const=True, help="no progress bars")
     g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
@@ -159,6 +163,11 @@ def add_diffmm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in reverse sampling")
     g.add_argument("--sampling_steps", default=0, type=int, help="T': forward steps before reverse sampling")
     g.add_argument("--rebuild_k", default=1, type=int, help="k: items kept per user in a generated graph")
+    g.add_argument("--reverse", default="auto", choices=["auto", "direct"],
+                   help="reverse process of the graph rebuild: auto = in the denoiser's hidden space wherever that "
+                        "is exact (--norm false and --sampling_noise false; same rows to float rounding, one items-"
+                        "wide product per batch instead of two per step), else direct; direct = step by step on "
+                        "the item rows, as the authors")
     g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
 
     g = p.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "

@@ -5,7 +5,8 @@
 Takes every flag of Main.py, `--model` included (`--epochs N` sets `--epoch`); the run folder goes
 to a temporary directory unless `--out_dir` is given. Prints and writes (JSON) the median seconds of
 each phase the model times (DiffMM: denoiser training, graph rebuild, negative sampling, recommender
-training; every model: evaluation) and of the whole epoch, peak resident memory, and peak CUDA memory on a GPU. The first epoch is reported too
+training; every model: evaluation) and of the whole epoch, peak resident memory, and peak CUDA memory on a GPU. `--compare` runs the
+straightforward reference path and the fast path side by side (see `compare`). The first epoch is reported too
 but left out of the medians when more than one epoch runs (it includes warm-up).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import resource
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +49,7 @@ def benchmark(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
     measured = per_epoch[1:] if len(per_epoch) > 1 else per_epoch
     phases = list(dict.fromkeys(p for e in per_epoch for p in e))
     result = {
-        "command": " ".join(["python -m Utils.benchmark", "--epochs", str(epochs)] + argv),
+        "command": " ".join(["python -m Experiments.benchmark", "--epochs", str(epochs)] + argv),
         "model": summary["model"],
         "data": summary["data"],
         "precision": args.precision,
@@ -67,14 +69,51 @@ def benchmark(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
     return result
 
 
+REFERENCE = ["--reverse", "direct", "--kernels", "plain"]
+
+
+def compare(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
+    """The straightforward reference path (direct reverse process, torch's plain autograd for the sparse
+    products and InfoNCE) and the fast path, each in a fresh process (so each peak memory is its own),
+    on the same data and flags; prints the median seconds per phase and the ratio fast / reference."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("reference", REFERENCE), ("fast", [])):
+            out = Path(tmp) / f"{name}.json"
+            command = [sys.executable, "-m", "Experiments.benchmark", "--epochs", str(epochs), "--json", str(out),
+                       *argv, *extra]
+            if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+                raise UsageError(f"the {name} benchmark failed: {' '.join(command)}")
+            results[name] = json.loads(out.read_text())
+    ref, fast = results["reference"]["median_seconds"], results["fast"]["median_seconds"]
+    lines = [f"{'phase':<14}{'reference s':>13}{'fast s':>10}{'fast/ref':>10}"]
+    for phase in ref:
+        ratio = fast.get(phase, 0.0) / ref[phase] if ref[phase] else float("nan")
+        lines.append(f"{phase:<14}{ref[phase]:>13.3f}{fast.get(phase, 0.0):>10.3f}{ratio:>10.2f}")
+    lines.append(f"{'peak RSS GiB':<14}{results['reference']['peak_rss_gib']:>13.3f}{results['fast']['peak_rss_gib']:>10.3f}")
+    print("\n".join(lines))
+    result = {"reference_flags": REFERENCE, "device": results["fast"]["device"], **results,
+              "ratio": {p: fast.get(p, 0.0) / ref[p] for p in ref if ref[p]}}
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3, help="epochs to run")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--compare", action="store_true",
+                        help="run the reference path (" + " ".join(REFERENCE) + ") and the fast path, each in its "
+                             "own process, and print the ratio per phase")
     own, rest = parser.parse_known_args(argv)
     setup_logging(quiet=True)
     try:
-        benchmark(rest + ["--quiet"], own.epochs, own.json)
+        if own.compare:
+            compare(rest, own.epochs, own.json)
+        else:
+            benchmark(rest + ["--quiet"], own.epochs, own.json)
     except (DataError, UsageError) as e:
         log.error(f"error: {e}")
         return 2

@@ -26,15 +26,23 @@ def to_torch_csr(matrix: sp.spmatrix, device: torch.device) -> torch.Tensor:
 
 
 class Graph:
-    """A sparse matrix on the device; `graph @ dense` is differentiable in `dense` (one more sparse product)."""
+    """A sparse matrix on the device; `graph @ dense` is differentiable in `dense` (one more sparse product).
 
-    def __init__(self, matrix: sp.spmatrix, device: torch.device, symmetric: bool = False):
+    `plain=True`: torch's own sparse product and its autograd, the reference the fast kernel replaces
+    (`--kernels plain`, for side-by-side benchmarks).
+    """
+
+    def __init__(self, matrix: sp.spmatrix, device: torch.device, symmetric: bool = False, plain: bool = False):
         self.shape = matrix.shape
         self.nnz = matrix.nnz
+        self.plain = plain
         self.matrix = to_torch_csr(matrix, device)
         self.matrix_t = self.matrix if symmetric else to_torch_csr(sp.csr_matrix(matrix).T.tocsr(), device)
 
     def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
+        if self.plain:
+            with torch.autocast(dense.device.type, enabled=False):
+                return torch.sparse.mm(self.matrix, dense.float())
         return SparseMatmul.apply(self.matrix, self.matrix_t, dense)
 
     def to_dense(self) -> torch.Tensor:
@@ -82,12 +90,18 @@ def emb_loss(*tables: torch.Tensor) -> torch.Tensor:
     return sum(torch.linalg.norm(t) for t in tables) / tables[-1].shape[0]
 
 
-def info_nce(anchor: torch.Tensor, other: torch.Tensor, nodes: torch.Tensor, temp: float) -> torch.Tensor:
+def info_nce(anchor: torch.Tensor, other: torch.Tensor, nodes: torch.Tensor, temp: float,
+             plain: bool = False) -> torch.Tensor:
     """InfoNCE (DiffMM Eq. 18-19): per batch node n, -log(exp(x_n·y_n/τ) / Σ_v exp(x_n·y_v/τ)), averaged.
 
     Rows are L2-normalised; the denominator runs over every row v of `other` (all users or all
-    items), not only the batch; duplicate nodes in the batch count each time.
+    items), not only the batch; duplicate nodes in the batch count each time. `plain=True`: the
+    straightforward autograd computation over every batch node (the reference of the fast path).
     """
+    if plain:
+        x, y = F.normalize(anchor[nodes]), F.normalize(other)
+        logits = x @ y.T / temp
+        return (torch.logsumexp(logits, dim=1) - (x * y[nodes]).sum(-1) / temp).mean()
     # A node's term depends only on the node: compute it once per distinct node, count it per occurrence.
     unique, occurrence = torch.unique(nodes, return_inverse=True)
     x = F.normalize(anchor[unique])

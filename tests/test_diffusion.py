@@ -395,3 +395,52 @@ def test_p_sample_with_sampling_noise_adds_posterior_noise_for_t_above_0():
                             noise_fn=lambda step, x: math.exp(0.5 * log_var[step]) * torch.randn(x.shape).double())
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, diff.p_sample(den, x0, 0, False))
+
+
+# ------------------------------------------------------------------------------------------------
+# the reverse process in the denoiser's hidden space (GaussianDiffusion.p_sample_hidden)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims,steps,noise,sampling_steps", [
+    ([64], 5, (0.1, 1e-4, 0.02), 0),
+    ([48, 24], 7, (0.5, 1e-3, 0.05), 0),
+    ([32, 16, 8], 3, (1.0, 1e-2, 0.2), 0),
+    ([40], 6, (0.1, 1e-4, 0.02), 3),
+])
+def test_hidden_space_reverse_process_gives_the_direct_rows_and_top_k(dims, steps, noise, sampling_steps):
+    from Utils.layers import to_torch_csr
+    import scipy.sparse as sp
+
+    torch.manual_seed(len(dims) * 10 + steps)
+    n_items, k = 90, 5
+    den = Denoiser(n_items, dims, 6, norm=False).eval()
+    for p in den.parameters():                    # a trained-looking denoiser, not the near-zero init
+        p.data.normal_(0.0, 0.3)
+    diff = GaussianDiffusion(*noise, steps, torch.device("cpu"))
+    rows = sp.random(17, n_items, density=0.08, format="csr", random_state=steps)
+    rows.data[:] = 1.0
+    x0 = torch.from_numpy(rows.toarray().astype(np.float32))
+    torch.manual_seed(1)
+    direct = diff.p_sample(den, x0, sampling_steps, sampling_noise=False)
+    torch.manual_seed(1)                          # the same forward noise when sampling_steps > 0
+    hidden = diff.p_sample_hidden(den, x0, sampling_steps, to_torch_csr(rows, torch.device("cpu")))
+    tolerance = 1e-5 * direct.abs().max().item()                              # float32 rounding of the rows
+    torch.testing.assert_close(hidden, direct, rtol=0, atol=tolerance)
+    torch.manual_seed(1)
+    dense_start = diff.p_sample_hidden(den, x0, sampling_steps)               # without the sparse rows
+    torch.testing.assert_close(dense_start, direct, rtol=0, atol=tolerance)
+    ordered = torch.sort(direct, dim=1, descending=True).values
+    assert (ordered[:, k - 1] - ordered[:, k]).min() > 1e-4                   # no near-tie at the cut
+    assert torch.equal(torch.topk(hidden, k).indices.sort().values, torch.topk(direct, k).indices.sort().values)
+
+
+def test_the_hidden_reverse_process_is_used_only_where_exact(tiny_dir):
+    import Main
+    from DataHandler import load_data
+    from Params import parse_args
+
+    data = load_data("tiny", tiny_dir)
+    for extra, expected in (((), True), (("--norm", "true"), False), (("--sampling_noise", "true"), False),
+                            (("--reverse", "direct"), False)):
+        args = parse_args(["--data", "tiny", "--data_dir", str(tiny_dir), "--dims", "[16]", *extra])
+        assert Main.build_model(args, data, torch.device("cpu")).hidden_reverse is expected, extra

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -57,3 +58,22 @@ def test_info_nce_matches_an_explicit_loop_with_duplicate_nodes():
     want_grads = torch.autograd.grad(want, (anchor, other))
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_the_reference_path_and_the_fast_path_train_the_same_model(tiny_dir, tmp_path):
+    """`--reverse direct --kernels plain` (the reference of `Experiments.benchmark --compare`) and the
+    default fast path: the same losses and metrics, to float rounding."""
+    import json
+
+    import Main
+    from conftest import tiny_args
+
+    runs = {}
+    for name, extra in (("fast", ()), ("reference", ("--reverse", "direct", "--kernels", "plain"))):
+        out = tmp_path / name
+        assert Main.main(tiny_args(tiny_dir, out, "--epoch", "3", "--cl_method", "1", *extra)) == 0
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for fast, reference in zip(runs["fast"], runs["reference"]):
+        for term, value in reference["loss"].items():
+            assert fast["loss"][term] == pytest.approx(value, rel=1e-4, abs=1e-6), term
+        assert fast["test"] == pytest.approx(reference["test"], rel=1e-4)

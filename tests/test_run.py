@@ -164,6 +164,19 @@ def test_precision_bf16_runs_on_cpu(tiny3, tmp_path, capsys):
     assert all(np.isfinite(v) for v in records(out)[0]["loss"].values())
 
 
+@pytest.mark.parametrize("speedup,warned", [(0.4, True), (2.0, False)])
+def test_bf16_warns_only_where_measured_slower_than_fp32(tiny3, tmp_path, capsys, monkeypatch, speedup, warned):
+    monkeypatch.setattr(Main, "bf16_speedup", lambda: speedup)
+    assert Main.main(tiny_args(tiny3, tmp_path / "out", "--precision", "bf16", "--device", "cpu")) == 0
+    out = capsys.readouterr().out
+    assert ("2.5x slower than fp32 (measured now)" in out) is warned
+
+
+def test_bf16_speedup_is_a_positive_ratio():
+    from Utils.helpers import bf16_speedup
+    assert bf16_speedup(size=64, repeats=1) > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # slow: the real defaults, and one epoch of the real TikTok data
 # ------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ A `--grid` that names a model is that model's preset: its MMRec hyper-parameter 
 attribute `grid` in its file), with `--model NAME` added to the command.
 
 Every grid cell x seed is an ordinary run folder, DIR/<flag=value_flag=value>/seed<k>/, made by Main.run
-with the remaining flags plus the cell's values; a run whose summary.json exists is skipped (so an
-interrupted sweep resumes; a folder without summary.json is an unfinished run and is redone). Then
+with the remaining flags plus the cell's values; a finished run (a summary.json not marked `stopped`) is
+skipped and an interrupted one is resumed from its last.pt (`Main.py --resume`), so an interrupted sweep
+continues where it stopped; a folder without last.pt is redone. Then
 DIR/table.md and DIR/table.csv give, per cell, the mean ± std over seeds (sample std; in the CSV 0 for one
 seed) of the validation protocol's test Recall/NDCG/Precision@topk and validation Recall@topk, and
 DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise). The selected
@@ -112,15 +113,20 @@ def sweep(grid: Dict[str, List[str]], seeds: Sequence[int], sweep_dir: Path, bas
     ran, skipped = [], []
     for i, (cell, seed) in enumerate(plan):
         run_dir = run_dir_of(sweep_dir, cell, seed)
-        if (run_dir / "summary.json").is_file():
+        summary = run_dir / "summary.json"
+        if summary.is_file() and "stopped" not in json.loads(summary.read_text()):
             skipped.append(str(run_dir))
             continue
-        if run_dir.exists():
-            log.info(f"removing the unfinished run folder {run_dir} (no summary.json) to run it again")
-            shutil.rmtree(run_dir)
         args = parsed[(cell_name(cell), seed)]
-        log.info(f"sweep run {i + 1}/{len(plan)}: {cell_name(cell)} seed {seed} -> {run_dir}")
-        Main.run(args)
+        if (run_dir / "last.pt").is_file():  # an interrupted run: continue it from its last epoch
+            log.info(f"sweep run {i + 1}/{len(plan)}: resuming {run_dir}")
+            Main.run(argparse.Namespace(**dict(vars(args), resume=str(run_dir))))
+        else:
+            if run_dir.exists():
+                log.info(f"removing the unfinished run folder {run_dir} (no last.pt) to run it again")
+                shutil.rmtree(run_dir)
+            log.info(f"sweep run {i + 1}/{len(plan)}: {cell_name(cell)} seed {seed} -> {run_dir}")
+            Main.run(args)
         ran.append(str(run_dir))
     rows = summarise(sweep_dir, grid, seeds)
     selected = select_row(rows, select)

@@ -188,3 +188,23 @@ def test_recommend_writes_each_users_top_k_unseen_items(tiny_dir, tmp_path):
         assert got == want.tolist()
         assert all(float(r["score"]) == pytest.approx(s[int(r["item"])], rel=1e-5) for r in rows if r["user"] == str(user))
     assert recommend.main([str(out), "--k", "4", "--out", str(csv_path)]) == 2      # never overwritten
+
+
+def test_an_interrupted_sweep_resumes_its_unfinished_run(gen_dir, tmp_path):
+    from Experiments import sweep
+
+    sweep_dir = tmp_path / "sweep"
+    base = ["--data", "gen", "--data_dir", str(gen_dir), "--dims", "[32]", "--latdim", "8", "--batch", "64",
+            "--quiet", "--epoch", "6"]
+    run_dir = sweep.run_dir_of(sweep_dir, {"temp": "0.5"}, 421)
+    process = subprocess.Popen([sys.executable, str(ROOT / "Main.py"), *base, "--temp", "0.5", "--seed", "421",
+                                "--out_dir", str(run_dir)], env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for_epochs(run_dir, 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = records(run_dir)[:2]
+    result = sweep.sweep({"temp": ["0.5"]}, [421], sweep_dir, base)
+    assert result["ran"] == [str(run_dir)]
+    assert "resuming" in (run_dir / "log.txt").read_text()
+    assert records(run_dir)[:2] == before and len(records(run_dir)) == 6

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterable, List, Optional, Tuple
+from typing import ClassVar, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from DataHandler import Data, sample_negatives, train_pairs, user_batches
 from Utils.helpers import PhaseTimer
+from Utils.metrics import Scorer, dot_scorer
 
 Losses = Dict[str, Dict[str, float]]
-Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 
 class RecModel(nn.Module):
@@ -70,9 +70,7 @@ class RecModel(nn.Module):
         The default ranks by the dot product of `embeddings()`; a model that scores otherwise (from
         denoised rows, say) overrides this instead.
         """
-        user_vec, item_vec = self.embeddings()
-        user_vec, item_vec = user_vec.float(), item_vec.float()
-        return lambda users: user_vec[users] @ item_vec.T
+        return dot_scorer(*self.embeddings())
 
     def checkpoint_state(self) -> dict:
         """What `best_model.pt` holds besides the epoch, the model's name and the configuration."""

@@ -18,6 +18,7 @@ import csv
 import json
 import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +29,8 @@ log = logging.getLogger("diffmm")
 
 LAYOUTS = ("diffmm", "mmrec", "mmssl")
 SPLIT_NAMES = ("train", "validation", "test")
+RELEASED_DATA_HINT = ("the released TikTok/Baby/Sports files come from https://github.com/HKUDS/DiffMM (Datasets/, "
+                      "Sports on the Google Drive link of its Datasets/README.md); see Datasets/README.md")
 DIFFMM_FILES = ("trnMat", "valMat", "tstMat")
 MMSSL_FILES = ("train.json", "val.json", "test.json")
 Splits = Tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]
@@ -35,6 +38,62 @@ Splits = Tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]
 
 class DataError(Exception):
     """Bad input data: the message is one sentence saying what is wrong, where, and what to do."""
+
+
+# What a pickled users x items matrix may name: scipy.sparse matrix classes and what numpy needs to
+# rebuild their arrays. Anything else (a function that runs a command, say) is refused, unexecuted.
+_SAFE_SPARSE = {"coo_matrix", "csr_matrix", "csc_matrix", "lil_matrix", "dok_matrix", "dia_matrix", "bsr_matrix",
+                "coo_array", "csr_array", "csc_array", "lil_array", "dok_array", "dia_array", "bsr_array"}
+_SAFE_NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy", "float32"), ("numpy", "float64"), ("numpy", "int32"),
+               ("numpy", "int64")}
+
+
+class UnsafePickle(Exception):
+    """A pickle names a class outside the matrix whitelist."""
+
+
+class _MatrixUnpickler(pickle.Unpickler):
+    """Unpickle a scipy.sparse matrix only: every class a pickle names must be on the whitelist above.
+
+    The released matrices name module paths that newer scipy/numpy moved (scipy.sparse.coo,
+    numpy.core): they are mapped to the current ones.
+    """
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("scipy.sparse") and name in _SAFE_SPARSE:
+            return getattr(sp, name)
+        if (module, name) in _SAFE_NUMPY:
+            if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
+                module = module.replace("numpy.core", "numpy._core", 1)
+            return super().find_class(module, name)
+        raise UnsafePickle(f"{module}.{name}")
+
+
+def load_matrix(path: Path) -> sp.csr_matrix:
+    """Load one pickled split as a binary float32 CSR matrix (any stored non-zero = interacted)."""
+    if not path.is_file():
+        raise DataError(f"missing file {path}: {RELEASED_DATA_HINT}.")
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matrix = _MatrixUnpickler(f).load()
+    except UnsafePickle as e:
+        raise DataError(f"refused to load {path}: the pickle names {e}, which is not a scipy.sparse or numpy "
+                        f"class, so it may run code; nothing in it was executed. Re-create the file with "
+                        f"scipy.sparse.save_npz or get it from its source again.") from None
+    except Exception as e:  # any unpickling failure means the file is not what we expect
+        raise DataError(f"cannot read {path} as a pickled scipy.sparse matrix ({type(e).__name__}: {e}); "
+                        f"re-download it ({RELEASED_DATA_HINT}).") from None
+    if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)) or np.ndim(matrix) != 2:
+        raise DataError(f"{path} holds a {type(matrix).__name__}, not a 2-D users x items matrix; "
+                        f"it should be a pickled scipy.sparse matrix.")
+    matrix = sp.csr_matrix(matrix)
+    matrix.sum_duplicates()
+    matrix = (matrix != 0).astype(np.float32)
+    matrix.eliminate_zeros()
+    return matrix.tocsr()
 
 
 def detect_layout(folder: Path) -> str:
@@ -56,8 +115,6 @@ def read_splits(folder: Path, layout: str, n_items_hint: Optional[int] = None) -
     (an item id beyond it is an error; items without interactions are allowed).
     """
     if layout == "diffmm":
-        from DataHandler import load_matrix
-
         paths = [folder / f"{stem}.npz" if (folder / f"{stem}.npz").is_file() else folder / f"{stem}.pkl"
                  for stem in DIFFMM_FILES]
         splits = tuple(_load_npz(p) if p.suffix == ".npz" else load_matrix(p) for p in paths)

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     afterwards; the caller's console set-up is left as it is.
     """
     if args.resume:
-        return resume(Path(args.resume), quiet=args.quiet)
+        return resume(Path(args.resume), quiet=args.quiet, epoch=args.epoch)
     device = resolve_device(args.device, args.gpu)
     model_class = get_model(args.model)
     data = load_run_data(args, model_class.needs_features)
@@ -126,8 +126,12 @@ def run(args: argparse.Namespace) -> dict:
         return train_and_report(args, data, device, run_dir)
 
 
-def resume(run_dir: Path, quiet: bool = False) -> dict:
-    """Continue the run in `run_dir` from its last completed epoch, with its own configuration."""
+def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None) -> dict:
+    """Continue the run in `run_dir` from its last completed epoch, with its own configuration.
+
+    `epoch`: a new total number of epochs (to give a long run more, or to end it early: at or below the
+    epochs already run, it ends now and writes its summary).
+    """
     last = run_dir / "last.pt"
     if not last.is_file():
         raise UsageError(f"{run_dir} has no last.pt, so there is no run to resume there (is it a run folder of "
@@ -135,6 +139,9 @@ def resume(run_dir: Path, quiet: bool = False) -> dict:
     state = torch.load(last, weights_only=True)
     args = argparse.Namespace(**state["config"])
     args.quiet, args.resume = quiet or args.quiet, None
+    if epoch is not None and epoch != args.epoch:
+        log.info(f"{run_dir}: the run now ends after at most {epoch} epochs (it was {args.epoch})")
+        args.epoch = epoch
     if state["harness"]["finished"]:
         raise UsageError(f"the run in {run_dir} has already finished ({len(state['harness']['history'])} epochs); "
                          f"its results are in {run_dir / 'summary.json'}.")
@@ -177,6 +184,8 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
     history, best = state["history"], state["best"]
     start = history[-1]["epoch"] + 1 if history else 0
     stopped = None
+    if start >= args.epoch:  # resumed with a budget already spent
+        state["finished"] = True
     for epoch in range(start, args.epoch):
         try:
             record = train_one_epoch(model, data, args, epoch)

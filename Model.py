@@ -74,25 +74,20 @@ class Recommender(nn.Module):
     def reg_loss(self) -> torch.Tensor:
         return self.user_emb.square().sum() + self.item_emb.square().sum()
 
-    def forward(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False,
-                view_graphs: Optional[Dict[str, Graph]] = None) -> Tuple[torch.Tensor, torch.Tensor, Views]:
-        """Main-view user and item vectors (`forward_MM`), plus the contrastive views (`forward_cl_MM`).
+    def modal_embeddings(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False,
+                         view_graphs: Optional[Dict[str, Graph]] = None
+                         ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """z_m of every modality (U+I rows), and with `with_views` the first layer of each contrastive view.
 
         Per modality m, with n_m the row-normalised transformed features and Âm the generated graph:
             z_m = adj [Eu; n_m] + adj [ (adj [Eu; n_m])[:U] ; Ei ] + ris_adj_lambda Âm [Eu; Ei]
-            H0  = Σ_m softmax(κ)_m z_m;   H = Σ_l adj^l H0 + ω normalise(H0)     (Eq. 23, ω = ris_lambda)
-            view_m = Σ_l adj^l (Âm [Eu; n_m])
-        The main view and the views share the feature transforms and one propagation (stacked columns).
-        `view_graphs` (--fusion_ratio > 0) replaces Âm in the views only; by default the views use Âm.
+            view_m^0 = Âm [Eu; n_m]   (`view_graphs[m]` instead of Âm when given, --fusion_ratio > 0)
         """
         d = self.user_emb.shape[1]
         id_nodes = torch.cat([self.user_emb, self.item_emb])
-        weights = torch.softmax(self.modal_weight, dim=0)
         features = self.modal_features()
-
-        fused = 0.0
-        view_inputs = []
-        for k, m in enumerate(self.modalities):
+        modal, view_inputs = [], []
+        for m in self.modalities:
             modal_nodes = torch.cat([self.user_emb, F.normalize(features[m])])
             z = adj @ modal_nodes
             z = z + adj @ torch.cat([z[: self.n_users], self.item_emb])
@@ -105,6 +100,24 @@ class Recommender(nn.Module):
                 view_inputs.append(generated[:, d:])
             else:
                 z = z + self.ris_adj_lambda * (modal_graphs[m] @ id_nodes)
+            modal.append(z)
+        return modal, view_inputs
+
+    def forward(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False,
+                view_graphs: Optional[Dict[str, Graph]] = None) -> Tuple[torch.Tensor, torch.Tensor, Views]:
+        """Main-view user and item vectors (`forward_MM`), plus the contrastive views (`forward_cl_MM`).
+
+        With z_m and view_m^0 of `modal_embeddings`:
+            H0  = Σ_m softmax(κ)_m z_m;   H = Σ_l adj^l H0 + ω normalise(H0)     (Eq. 23, ω = ris_lambda)
+            view_m = Σ_l adj^l view_m^0
+        The main view and the views share the feature transforms and one propagation (stacked columns).
+        `view_graphs` (--fusion_ratio > 0) replaces Âm in the views only; by default the views use Âm.
+        """
+        d = self.user_emb.shape[1]
+        modal, view_inputs = self.modal_embeddings(adj, modal_graphs, with_views, view_graphs)
+        weights = torch.softmax(self.modal_weight, dim=0)
+        fused = 0.0
+        for k, z in enumerate(modal):
             fused = fused + weights[k] * z
 
         pooled = propagate(adj, torch.cat([fused] + view_inputs, dim=1), self.gnn_layer, "sum")
@@ -258,23 +271,26 @@ class Denoiser(nn.Module):
 # Gaussian diffusion (Eq. 2-14)
 # ---------------------------------------------------------------------------------------------
 
-def noise_schedule(noise_scale: float, noise_min: float, noise_max: float, steps: int) -> np.ndarray:
-    """β_t (float64): variance_t linear in [s γmin, s γmax], β_t = 1 - ᾱ_t/ᾱ_{t-1} capped at 0.999, β_0 = 1e-4."""
+def noise_schedule(noise_scale: float, noise_min: float, noise_max: float, steps: int,
+                   beta_fixed: float = 1e-4) -> np.ndarray:
+    """β_t (float64): variance_t linear in [s γmin, s γmax], β_t = 1 - ᾱ_t/ᾱ_{t-1} capped at 0.999, β_0 = `beta_fixed`
+    (the authors' 1e-4; DiffRec's 1e-5)."""
     variance = np.linspace(noise_scale * noise_min, noise_scale * noise_max, steps, dtype=np.float64)
     alpha_bar = 1.0 - variance
     betas = np.empty(steps, dtype=np.float64)
     betas[0] = 1.0 - alpha_bar[0]
     betas[1:] = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
-    betas[0] = 0.0001  # the authors' beta_fixed
+    betas[0] = beta_fixed
     return betas
 
 
 class GaussianDiffusion:
     """Forward noising, the ELBO + MSI training loss, and reverse sampling with one shared schedule."""
 
-    def __init__(self, noise_scale: float, noise_min: float, noise_max: float, steps: int, device: torch.device):
+    def __init__(self, noise_scale: float, noise_min: float, noise_max: float, steps: int, device: torch.device,
+                 beta_fixed: float = 1e-4):
         self.noise_scale, self.steps, self.device = noise_scale, steps, device
-        betas = torch.tensor(noise_schedule(noise_scale, noise_min, noise_max, steps), dtype=torch.float64)
+        betas = torch.tensor(noise_schedule(noise_scale, noise_min, noise_max, steps, beta_fixed), dtype=torch.float64)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -425,12 +441,13 @@ class DiffMM(RecModel):
     needs_features = True
     phases = ("denoiser", "rebuild", "negatives", "recommender")
     loss_phases = {"loss": "recommender", "denoiser_loss": "denoiser"}
+    recommender_class = Recommender  # a subclass's recommender (MDMNS: its views), built with the same arguments
 
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)
         features = {m: torch.from_numpy(f) for m, f in data.features.items()}
-        self.recommender = Recommender(data.n_users, data.n_items, features, args.latdim, args.gnn_layer, args.trans,
-                                       args.ris_lambda, args.ris_adj_lambda).to(device)
+        self.recommender = self.recommender_class(data.n_users, data.n_items, features, args.latdim, args.gnn_layer,
+                                                  args.trans, args.ris_lambda, args.ris_adj_lambda).to(device)
         if args.ablation == "no_dm":  # Table 3 "w/o DM": a VGAE per modality generates the graphs
             pos_weight = (data.n_users * data.n_items - data.train.nnz) / max(data.train.nnz, 1)
             self.denoisers = nn.ModuleDict({

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def str2bool(text: str) -> bool:
@@ -36,6 +36,23 @@ def int_list(text: str) -> List[int]:
     if not isinstance(value, list) or not value or not all(type(v) is int and v > 0 for v in value):
         raise argparse.ArgumentTypeError(f"expected a list of positive integers such as [1000], got {text!r}")
     return value
+
+
+def float_list(text: str) -> List[float]:
+    """Parse '0.1,0.9', '[0.1, 0.9]' or '0.1' into a list of finite floats, without eval."""
+    text = text.strip()
+    message = f"expected a list of numbers such as 0.1,0.9 or [0.1, 0.9], got {text!r}"
+    try:
+        value = ast.literal_eval(text) if text.startswith("[") else [float(v) for v in text.split(",") if v.strip()]
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(message)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not all(float("-inf") < v < float("inf") for v in value)):
+        raise argparse.ArgumentTypeError(message)
+    return [float(v) for v in value]
 
 
 def name_list(text: str) -> List[str]:
@@ -69,6 +86,57 @@ def group_edges(text: str) -> List[int]:
     return edges if edges[0] == 0 else [0] + edges
 
 
+# ---------------------------------------------------------------------------------------------
+# The published commands: `--preset NAME` = (model, data, flags); flags given explicitly still win
+# ---------------------------------------------------------------------------------------------
+
+PRESETS: Dict[str, Tuple[str, str, List[str]]] = {
+    # DiffMM's README
+    "diffmm-tiktok": ("diffmm", "tiktok", ["--reg", "1e-4", "--ssl_reg", "1e-2", "--epoch", "50", "--trans", "1",
+                                           "--e_loss", "0.1", "--cl_method", "1"]),
+    "diffmm-baby": ("diffmm", "baby", ["--reg", "1e-5", "--ssl_reg", "1e-1", "--keepRate", "1", "--e_loss", "0.01"]),
+    "diffmm-sports": ("diffmm", "sports", ["--reg", "1e-6", "--ssl_reg", "1e-2", "--temp", "0.1", "--ris_lambda", "0.1",
+                                           "--e_loss", "0.5", "--keepRate", "1", "--trans", "1"]),
+    # MDMNS's README (its Sports command gives --temp 0.1 twice)
+    "mdmns-tiktok": ("mdmns", "tiktok", ["--reg", "1e-4", "--ssl_reg", "1e-2", "--epoch", "50", "--trans", "1",
+                                         "--e_loss", "0.1", "--cl_method", "1", "--latdim", "512", "--gnn_layer", "1",
+                                         "--temp", "0.5", "--steps", "5"]),
+    "mdmns-baby": ("mdmns", "baby", ["--reg", "1e-5", "--ssl_reg", "1e-1", "--keepRate", "1", "--e_loss", "0.01",
+                                     "--gnn_layer", "2", "--latdim", "256", "--temp", "0.5", "--steps", "20"]),
+    "mdmns-sports": ("mdmns", "sports", ["--reg", "1e-6", "--ssl_reg", "1e-2", "--temp", "0.1", "--ris_lambda", "0.1",
+                                         "--e_loss", "0.5", "--keepRate", "1", "--trans", "1", "--gnn_layer", "1",
+                                         "--latdim", "256", "--steps", "5"]),
+    # MMSSL's README gives only `--dataset NAME`: its defaults are the Baby block of the first upload's
+    # parser; the TikTok and Sports blocks of that parser differ from them in these flags
+    "mmssl-tiktok": ("mmssl", "tiktok", ["--lr", "5.4e-4", "--G_rate", "1.8e-3", "--real_data_tau", "0.002",
+                                         "--m_topk_rate", "0.01"]),
+    "mmssl-baby": ("mmssl", "baby", []),
+    "mmssl-sports": ("mmssl", "sports", ["--lr", "5e-4", "--real_data_tau", "0.002", "--T", "2",
+                                         "--m_topk_rate", "0.02"]),
+}
+
+
+def preset_of(argv: Sequence[str]) -> Optional[str]:
+    """The value of --preset in a command line, without parsing the rest."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default=None)
+    return pre.parse_known_args(list(argv))[0].preset
+
+
+def expand_preset(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
+    """`argv` with its preset's flags put in front (so explicit flags, parsed later, win), or a problem sentence."""
+    name = preset_of(argv)
+    if name is None:
+        return list(argv), None
+    if name not in PRESETS:
+        return list(argv), f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}"
+    model, data, flags = PRESETS[name]
+    given = model_of(argv) if "--model" in argv or any(a.startswith("--model=") for a in argv) else model
+    if given != model:
+        return list(argv), f"--preset {name} is {model}'s published command, but --model {given} was given"
+    return ["--model", model, "--data", data, *flags, *argv], None
+
+
 def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     """The harness's flags plus `model`'s own group (its class's `add_args`), with the model's defaults."""
     from Models import get_model, model_names
@@ -81,6 +149,10 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="diffmm", choices=model_names(), metavar="NAME",
                    help="the model to train: " + "; ".join(f"{n} = {get_model(n).paper}" for n in model_names()))
+
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help="a published command: " + ", ".join(PRESETS) + " (sets --model, --data and that command's "
+                        "flags; flags given explicitly still win)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", type=str,
@@ -123,7 +195,7 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
     g.add_argument("--resume", default=None, type=str, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last completed epoch (its configuration is used; "
-                        "every other flag is ignored)")
+                        "every other flag is ignored but --epoch, a new total number of epochs)")
 
     model_class = get_model(model)
     model_class.add_args(p)
@@ -229,6 +301,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from Models import model_names
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv, problem = expand_preset(argv)
+    if problem:
+        build_parser().error(problem)
     model = model_of(argv)
     if model not in model_names():
         build_parser().error(f"unknown model {model!r}; the known models are {', '.join(model_names())}")
@@ -238,4 +313,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if problem:
         parser.error(problem)
     args.topks = sorted(set([args.topk] + (args.topks or [])))
+    if args.resume and not any(a == "--epoch" or a.startswith("--epoch=") for a in argv):
+        args.epoch = None  # resume keeps the run's own number of epochs
     return args

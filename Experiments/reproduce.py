@@ -6,7 +6,7 @@
     python -m Experiments.reproduce --table 4 --data tiktok --seeds 421,422            # DiffMM's τ x λ1 grid
 
 Table 2 runs every registered model (or `--models`) on the dataset, each with its published command
-for that dataset where the paper or its authors give one (`PAPER_COMMANDS`), else its defaults; with
+for that dataset where its authors give one (`--preset MODEL-DATA`, `Params.PRESETS`), else its defaults; with
 `--tune`, each model's hyper-parameter grid (MMRec's, `Experiments.sweep --grid NAME`) is run and the
 cell selected on validation (`--select mmrec`: MMRec's test-selected rule). It writes `comparison.md`
 and `comparison.csv` (model x Recall/NDCG/Precision@K, mean ± sample std over seeds, both protocols,
@@ -33,29 +33,33 @@ import numpy as np
 
 log = logging.getLogger("diffmm")
 
-# The published command of each model per dataset (without --data): DiffMM's README
-PAPER_COMMANDS: Dict[str, Dict[str, List[str]]] = {
-    "diffmm": {
-        "tiktok": ["--reg", "1e-4", "--ssl_reg", "1e-2", "--epoch", "50", "--trans", "1", "--e_loss", "0.1",
-                   "--cl_method", "1"],
-        "baby": ["--reg", "1e-5", "--ssl_reg", "1e-1", "--keepRate", "1", "--e_loss", "0.01"],
-        "sports": ["--reg", "1e-6", "--ssl_reg", "1e-2", "--temp", "0.1", "--ris_lambda", "0.1", "--e_loss", "0.5",
-                   "--keepRate", "1", "--trans", "1"],
-    },
-}
 # paper Table 1: the modalities each dataset had
 PAPER_MODALITIES = {"tiktok": ["image", "text", "audio"], "baby": ["image", "text"], "sports": ["image", "text"]}
 
-# paper Table 2: Recall@20, NDCG@20, Precision@20. The MF-BPR ... LATTICE rows equal MMSSL's table digit
-# for digit (copied from MMSSL's runs, not re-run on DiffMM's files).
-TABLE2 = {
+# Published Recall@20, NDCG@20, Precision@20 and where they were published. DiffMM's Table 2: its MF-BPR ...
+# LATTICE rows equal MMSSL's table digit for digit (copied from MMSSL's runs, not re-run on DiffMM's files);
+# the MMSSL and MDMNS rows are each system's own (MMSSL's README; MDMNS's Table II, read off its figure).
+_DIFFMM_T2 = "DiffMM Table 2"
+PUBLISHED = {
     "mf": {"tiktok": (0.0346, 0.0130, 0.0017), "baby": (0.0440, 0.0200, 0.0024), "sports": (0.0430, 0.0202, 0.0023)},
     "lightgcn": {"tiktok": (0.0653, 0.0282, 0.0033), "baby": (0.0698, 0.0319, 0.0037),
                  "sports": (0.0782, 0.0369, 0.0042)},
+    "diffrec": {"tiktok": (0.0708, 0.0317, 0.0035), "baby": (0.0717, 0.0334, 0.0038),
+                "sports": (0.0823, 0.0407, 0.0044)},
     "vbpr": {"tiktok": (0.0380, 0.0134, 0.0018), "baby": (0.0486, 0.0213, 0.0026), "sports": (0.0582, 0.0265, 0.0031)},
+    "lattice": {"tiktok": (0.0843, 0.0367, 0.0042), "baby": (0.0829, 0.0368, 0.0044),
+                "sports": (0.0915, 0.0424, 0.0048)},
+    "bm3": {"tiktok": (0.0957, 0.0404, 0.0048), "baby": (0.0839, 0.0361, 0.0044), "sports": (0.0975, 0.0442, 0.0051)},
     "diffmm": {"tiktok": (0.1129, 0.0456, 0.0056), "baby": (0.0975, 0.0411, 0.0051),
                "sports": (0.1017, 0.0458, 0.0054)},
+    "mmssl": {"tiktok": (0.0921, 0.0392, 0.0046), "baby": (0.0962, 0.0422, 0.0051),
+              "sports": (0.0998, 0.0470, 0.0052)},
+    "mdmns": {"tiktok": (0.1193, 0.0525, 0.0060), "baby": (0.1009, 0.0433, 0.0053),
+              "sports": (0.1093, 0.0496, 0.0058)},
 }
+PUBLISHED_IN = {"mmssl": "MMSSL README", "mdmns": "MDMNS Table II"}
+# models DiffMM's paper does not have (no published number on its datasets)
+NOT_IN_PAPER = {"freedom": "not in DiffMM's paper", "lgmrec": "not in DiffMM's paper"}
 # paper Table 3: Recall@20, NDCG@20 per variant
 TABLE3 = {
     "tiktok": {"no_cl": (0.1026, 0.0420), "no_dm": (0.1075, 0.0433), "no_msi": (0.1086, 0.0426), "none": (0.1129, 0.0456)},
@@ -119,6 +123,7 @@ def table2(data: str, data_dir: Path, models: Sequence[str], seeds: Sequence[int
     """
     from Experiments.sweep import cell_name, preset, run_dir_of, sweep
     from Models import get_model
+    from Params import PRESETS
 
     found, _ = modality_note(data, data_dir / data)
     out: Dict[str, object] = {}
@@ -127,7 +132,7 @@ def table2(data: str, data_dir: Path, models: Sequence[str], seeds: Sequence[int
             out[model] = f"skipped: {model} needs item features and {data} has no <modality>_feat.npy"
             continue
         base = ["--data", data, "--data_dir", str(data_dir), "--model", model]
-        base += PAPER_COMMANDS.get(model, {}).get(data, [])
+        base += ["--preset", f"{model}-{data}"] if f"{model}-{data}" in PRESETS else []
         base += (["--epoch", str(epoch)] if epoch is not None else []) + list(rest)
         grid = preset(model) if tune and get_model(model).grid else {}
         result = sweep(grid, seeds, sweep_dir / model, base, select)
@@ -149,7 +154,9 @@ def table2_rows(data: str, results: Dict[str, object]) -> List[dict]:
                      "epochs_run": float(np.mean([s["epochs_run"] for s in summaries])),
                      "seconds_per_epoch": float(np.mean([np.median([e["epoch"] for e in s["timing"]["per_epoch"]])
                                                          for s in summaries]))}
-        paper = TABLE2.get(model, {}).get(data)
+        paper = PUBLISHED.get(model, {}).get(data)
+        row["published_in"] = (PUBLISHED_IN.get(model, _DIFFMM_T2) if paper
+                               else NOT_IN_PAPER.get(model, "no published number"))
         for metric, value in zip(METRICS, paper or (None,) * 3):
             row[f"published_{metric}@20"] = value
         for protocol in ("paper", "validation"):
@@ -166,25 +173,26 @@ def write_table2(data: str, note: str, results: Dict[str, object], sweep_dir: Pa
 
     rows = table2_rows(data, results)
     k = rows[0]["k"] if rows else 20
-    header = (["model", "setting", "seeds", "epochs run", "s/epoch (median)"] + [f"paper {m}@20" for m in METRICS]
+    header = (["model", "setting", "seeds", "epochs run", "s/epoch (median)", "published in"]
+              + [f"published {m}@20" for m in METRICS]
               + [f"ours {m}@{k} (paper protocol)" for m in METRICS]
               + [f"ours {m}@{k} (validation protocol)" for m in METRICS])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["model"], row["setting"], str(row["seeds"]), f"{row['epochs_run']:.0f}",
-                 f"{row['seconds_per_epoch']:.2f}"]
-        cells += [f"{row[f'published_{m}@20']:.4f}" if row[f"published_{m}@20"] is not None else "not in the paper"
+                 f"{row['seconds_per_epoch']:.2f}", row["published_in"]]
+        cells += [f"{row[f'published_{m}@20']:.4f}" if row[f"published_{m}@20"] is not None else "—"
                   for m in METRICS]
         cells += [_mean_std(row[f"{p}_protocol_{m}@{k}"]) for p in ("paper", "validation") for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [f"- {model}: {why}" for model, why in results.items() if isinstance(why, str)]
-    text = "\n".join([f"Paper Table 2 on {data}: the paper's numbers (its full-feature data) beside ours "
+    text = "\n".join([f"Paper Table 2 on {data}: the published numbers (each on the authors' full-feature data) beside ours "
                       f"(mean ± sample std over seeds; the value alone for one seed).", f"Note: {note}", ""]
                      + lines + ([""] + skipped if skipped else []) + [""])
     (sweep_dir / "comparison.md").write_text(text)
     with open(sweep_dir / "comparison.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "setting", "seeds", "epochs_run", "seconds_per_epoch"]
+        writer.writerow(["model", "setting", "seeds", "epochs_run", "seconds_per_epoch", "published_in"]
                         + [f"published_{m}@20" for m in METRICS]
                         + [f"{p}_protocol_{m}@{k}_{stat}" for p in ("paper", "validation") for m in METRICS
                            for stat in ("mean", "std")])
@@ -194,8 +202,8 @@ def write_table2(data: str, note: str, results: Dict[str, object], sweep_dir: Pa
                 for m in METRICS:
                     values = row[f"{p}_protocol_{m}@{k}"]
                     stats += [np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0]
-            writer.writerow([row["model"], row["setting"], row["seeds"], row["epochs_run"], row["seconds_per_epoch"]]
-                            + [row[f"published_{m}@20"] for m in METRICS] + stats)
+            writer.writerow([row["model"], row["setting"], row["seeds"], row["epochs_run"], row["seconds_per_epoch"],
+                             row["published_in"]] + [row[f"published_{m}@20"] for m in METRICS] + stats)
     if rows:
         model_group_bars({row["model"]: results[row["model"]]["runs"][0] for row in rows}, sweep_dir / "groups.png")
     return text
@@ -285,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log.error(f"error: {folder} has none of the paper's {args.data} feature files, and DiffMM cannot run "
                           f"without item features, so paper Table {args.table} cannot be reproduced on this copy.")
                 return 1
-            base = ["--data", args.data, "--data_dir", str(args.data_dir)] + PAPER_COMMANDS["diffmm"][args.data]
+            base = ["--preset", f"diffmm-{args.data}", "--data_dir", str(args.data_dir)]
             base += (["--epoch", str(args.epoch)] if args.epoch is not None else []) + list(rest)
             sweep(GRIDS[args.table], seeds, sweep_dir, base)
             if args.table == 3:

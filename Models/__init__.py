@@ -13,6 +13,13 @@ REGISTRY: Dict[str, str] = {
     "mf": "Models.mf:MF",
     "lightgcn": "Models.lightgcn:LightGCN",
     "vbpr": "Models.vbpr:VBPR",
+    "lattice": "Models.lattice:LATTICE",
+    "freedom": "Models.freedom:FREEDOM",
+    "bm3": "Models.bm3:BM3",
+    "lgmrec": "Models.lgmrec:LGMRec",
+    "diffrec": "Models.diffrec:DiffRec",
+    "mmssl": "Models.mmssl:MMSSL",
+    "mdmns": "Models.mdmns:MDMNS",
     "pop": "Models.pop:Popularity",
 }
 

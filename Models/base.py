@@ -135,6 +135,15 @@ def _load_state(value, state) -> None:
         value.load_state_dict(state)
 
 
+def trainable_features(data: Data, out_dim: int) -> Tuple[nn.ParameterDict, nn.ModuleDict]:
+    """Per modality the raw I x d_m table as a parameter (MMRec's `Embedding.from_pretrained(freeze=False)`) and
+    a Linear(d_m, out_dim) with PyTorch's default init, in the dataset's modality order (a ParameterDict built
+    from a dict would sort the names)."""
+    features = nn.ParameterDict([(m, nn.Parameter(torch.from_numpy(x.copy()))) for m, x in data.features.items()])
+    projections = nn.ModuleDict([(m, nn.Linear(x.shape[1], out_dim)) for m, x in data.features.items()])
+    return features, projections
+
+
 def add_pairwise_args(group: argparse._ArgumentGroup, reg_weight: float = 1e-4) -> None:
     """The flags every MMRec model shares (configs/overall.yaml and the model's yaml), MMRec's names."""
     group.add_argument("--embedding_size", default=64, type=int, help="d: embedding size")

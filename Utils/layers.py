@@ -6,6 +6,8 @@ are in `Utils/kernels.py`.
 from __future__ import annotations
 
 import warnings
+from typing import Optional
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -33,11 +35,30 @@ class Graph:
     """
 
     def __init__(self, matrix: sp.spmatrix, device: torch.device, symmetric: bool = False, plain: bool = False):
-        self.shape = matrix.shape
-        self.nnz = matrix.nnz
+        csr = to_torch_csr(matrix, device)
+        self._assign(csr, csr if symmetric else to_torch_csr(sp.csr_matrix(matrix).T.tocsr(), device), plain)
+
+    @classmethod
+    def from_tensors(cls, matrix: torch.Tensor, matrix_t: Optional[torch.Tensor] = None, plain: bool = False
+                     ) -> "Graph":
+        """A Graph from a torch CSR matrix and its transpose (None: the matrix is symmetric), without scipy:
+        a graph built on the device stays there. Both must be CSR with sorted int64 column indices per row
+        (e.g. `Utils.knn.to_csr` of a coalesced COO), float32 values."""
+        graph = cls.__new__(cls)
+        graph._assign(matrix, matrix if matrix_t is None else matrix_t, plain)
+        return graph
+
+    def _assign(self, matrix: torch.Tensor, matrix_t: torch.Tensor, plain: bool) -> None:
+        """Every attribute a Graph has, set in one place for both constructors."""
+        if matrix.layout != torch.sparse_csr or matrix_t.layout != torch.sparse_csr:
+            raise ValueError("Graph needs torch sparse CSR tensors")
+        if tuple(matrix_t.shape) != tuple(matrix.shape)[::-1]:
+            raise ValueError(f"matrix_t has shape {tuple(matrix_t.shape)}, not the transpose of {tuple(matrix.shape)}")
+        self.shape = tuple(int(n) for n in matrix.shape)
+        self.nnz = int(matrix.values().numel())
         self.plain = plain
-        self.matrix = to_torch_csr(matrix, device)
-        self.matrix_t = self.matrix if symmetric else to_torch_csr(sp.csr_matrix(matrix).T.tocsr(), device)
+        self.matrix = matrix
+        self.matrix_t = matrix_t
 
     def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
         if self.plain:

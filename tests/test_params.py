@@ -93,3 +93,30 @@ def test_choices_enforced():
     for argv in (["--trans", "3"], ["--cl_method", "2"], ["--device", "tpu"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
+
+
+# --- presets: the published commands ---------------------------------------------------------
+
+def test_preset_sets_model_data_and_the_published_flags():
+    args = parse_args(["--preset", "diffmm-tiktok"])
+    # DiffMM's README TikTok command, written out here independently of Params.PRESETS
+    assert (args.model, args.data, args.reg, args.ssl_reg, args.epoch, args.trans, args.e_loss, args.cl_method) == \
+        ("diffmm", "tiktok", 1e-4, 1e-2, 50, 1, 0.1, 1)
+    assert args.preset == "diffmm-tiktok"
+    sports = parse_args(["--preset", "diffmm-sports"])
+    assert (sports.reg, sports.temp, sports.ris_lambda, sports.e_loss, sports.keepRate, sports.trans) == \
+        (1e-6, 0.1, 0.1, 0.5, 1.0, 1)
+
+
+def test_explicit_flags_win_over_the_preset_wherever_they_are():
+    args = parse_args(["--epoch", "3", "--preset", "diffmm-tiktok", "--reg", "0.5", "--data", "mydata"])
+    assert (args.epoch, args.reg, args.data, args.ssl_reg) == (3, 0.5, "mydata", 1e-2)
+
+
+def test_unknown_preset_or_a_preset_of_another_model_is_one_sentence(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--preset", "diffmm-movielens"])
+    assert exit_.value.code == 2 and "unknown preset 'diffmm-movielens'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--preset", "diffmm-baby", "--model", "mf"])
+    assert exit_.value.code == 2 and "--preset diffmm-baby is diffmm's published command" in capsys.readouterr().err

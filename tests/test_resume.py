@@ -122,6 +122,33 @@ def test_a_non_finite_loss_stops_the_run_with_one_sentence(tiny_dir, tmp_path, m
     assert [r["epoch"] for r in records(out)] == [0, 1]
 
 
+class InterruptedModel(NaNModel):
+    """Ctrl-C during epoch 2 of its first run; trains on when resumed."""
+
+    name = "interrupted"
+    interrupt = True
+
+    def train_epoch(self, epoch, timer):
+        if epoch == 2 and InterruptedModel.interrupt:
+            InterruptedModel.interrupt = False
+            raise KeyboardInterrupt
+        with timer.phase("recommender"):
+            return {"loss": {"bpr": 1.0, "loss": 1.0}}
+
+
+@pytest.mark.parametrize("budget,epochs_run", [(2, 2), (4, 4)])
+def test_resume_with_a_new_number_of_epochs(tiny_dir, tmp_path, monkeypatch, budget, epochs_run):
+    monkeypatch.setitem(Models.REGISTRY, "interrupted", f"{__name__}:InterruptedModel")
+    monkeypatch.setattr(InterruptedModel, "interrupt", True)
+    out = tmp_path / "run"
+    assert Main.main(tiny_args(tiny_dir, out, "--model", "interrupted", "--epoch", "10")) == 130
+    assert Main.main(["--resume", str(out), "--epoch", str(budget), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "stopped" not in summary and summary["epochs_run"] == epochs_run
+    assert [r["epoch"] for r in records(out)] == list(range(epochs_run))
+    assert summary["config"]["epoch"] == budget
+
+
 def test_an_unwritable_output_folder_is_one_sentence(tiny_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     code = Main.main(tiny_args(tiny_dir, tmp_path / "a_file" / "run"))

@@ -1,0 +1,256 @@
+"""DiffRec (Wang et al., SIGIR 2023): a diffusion model over each user's interaction row, as the authors'
+code computes it (YiyanXu/DiffRec@d35a6c6, DiffRec/).
+
+Training, one batch of user rows x0 (the dense 0/1 train rows, batch 400):
+    t ~ importance sampling (below);  x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε            (paper Eq. 3)
+    x̂0 = f(x_t, t), the MLP denoiser of DiffMM (`Model.Denoiser`: dims [1000], emb 10, input dropout 0.5)
+    loss_row = w_t · mean_i (x0 - x̂0)² / (p_t · T),   loss = mean over the batch           (Eq. 11-13)
+with w_t = SNR(t-1) - SNR(t), w_0 = 1 (`gaussian_diffusion.py:140-174`). The noise schedule is DiffMM's
+(`Model.noise_schedule`, DiffRec's "linear-var") with β_0 = 1e-5 instead of DiffMM's 1e-4 (`:31`).
+Importance sampling of t (`:124,176-197`): every t keeps its last 10 values of w_t·mse_row; while some t has
+fewer than 10, t is uniform (p_t·T = 1); then p_t ∝ sqrt(mean of those 10 squared values), p ← 0.999 p +
+0.001/T. AdamW (lr 1e-4, weight decay 0), at most 1000 epochs, evaluation every 5 epochs, early stop as
+`main.py:150-183` (see `defaults`). No MSI term, no recommender: interactions only. The harness evaluates
+by DiffMM's rule (after 0-based epoch e when e % 5 == 0: after 1, 6, 11, ... trained epochs), DiffRec's loop
+after 5, 10, 15, ...: the evaluated epochs are shifted by four, the stopping rule (three evaluations without
+a better validation Recall) is the same.
+
+Scores (`main.py:122-145`, `gaussian_diffusion.py:93-120`): start at the train row itself (sampling_steps 0),
+run the T reverse steps with the posterior mean of q(x_{t-1} | x_t, x̂0), no noise, and rank the result; the
+harness masks train items and evaluates (not DiffRec's train+val mask and all-user average).
+
+Paper vs code: the paper's importance sampling and the reweighted ELBO are what the code does; the code's
+defaults (steps 100, noise_scale 0.1, noise_min 1e-4, noise_max 0.02, `main.py:55-69`) are ours, since neither
+DiffRec's tuned settings for these datasets nor DiffMM's settings for DiffRec are published.
+
+Defects of the authors' code not carried over: `type=bool` flags (`--norm False` was ON:
+parsed as booleans here); `--reweight False` crashed on an unbound `loss` (here: weight 1, the plain MSE);
+`eval` of `--dims`; a Python loop per row to update the importance history (a tensor scatter here); the dense
+U x I copy of the train matrix; DiffRec's all-user metric average. `--reverse auto` runs the scoring chain in
+the denoiser's hidden space where that is exact (`Model.GaussianDiffusion.p_sample_hidden`).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Tuple
+
+import torch
+
+from DataHandler import Data, dense_rows, user_batches
+from Model import Denoiser, GaussianDiffusion
+from Models.base import Losses, RecModel
+from Params import int_list, str2bool
+from Utils.helpers import PhaseTimer
+from Utils.layers import to_torch_csr
+from Utils.metrics import Scorer
+
+BETA_FIXED = 1e-5   # DiffRec's β_0 (gaussian_diffusion.py:31); DiffMM's is 1e-4
+HISTORY = 10        # values kept per step (history_num_per_term)
+UNIFORM_PROB = 0.001
+
+
+class StepHistory:
+    """The importance-sampling state of DiffRec's diffusion: the last `size` values of w_t·loss_row of every
+    step t (a T x size ring buffer) and how many values each t has received.
+
+    The authors shift a row left and append; only the set of the last `size` values enters p_t (the mean of
+    their squares), so a ring buffer written at slot (count mod size) gives the same probabilities.
+    """
+
+    def __init__(self, steps: int, device: torch.device, size: int = HISTORY):
+        self.steps, self.size = steps, size
+        self.values = torch.zeros(steps, size, dtype=torch.float64, device=device)
+        self.count = torch.zeros(steps, dtype=torch.long, device=device)
+        self._full = False   # counts only grow: once full, no more device syncs to ask
+
+    def full(self) -> bool:
+        """Whether every step has `size` values (the switch from uniform to importance sampling)."""
+        if not self._full:
+            self._full = bool((self.count >= self.size).all())
+        return self._full
+
+    def probabilities(self, uniform_prob: float = UNIFORM_PROB) -> torch.Tensor:
+        """p_t ∝ sqrt(mean of the stored squared values), mixed with the uniform distribution (`:185-189`)."""
+        root = self.values.square().mean(dim=1).sqrt()
+        return (root / root.sum()) * (1.0 - uniform_prob) + uniform_prob / self.steps
+
+    def sample(self, n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(t, p_t·T) for n rows: uniform (p_t·T = 1) until every step has `size` values, then by importance."""
+        if not self.full():
+            return torch.randint(0, self.steps, (n,), device=device), torch.ones(n, device=device)
+        p = self.probabilities()
+        t = torch.multinomial(p, n, replacement=True)
+        return t, (p[t] * self.steps).float()
+
+    def update(self, t: torch.Tensor, values: torch.Tensor) -> None:
+        """Append the batch's values in row order, as the authors' per-row loop, with one scatter.
+
+        Rows are grouped by step (a stable sort keeps their order); per step only its last `size` rows can
+        survive, and the j-th value a step has ever received goes to slot j mod size.
+        """
+        order = torch.argsort(t, stable=True)
+        t, values = t[order], values[order].to(self.values.dtype)
+        per_step = torch.bincount(t, minlength=self.steps)
+        rank = torch.arange(len(t), device=t.device) - (torch.cumsum(per_step, 0) - per_step)[t]
+        kept = rank >= per_step[t] - self.size
+        slot = (self.count[t] + rank) % self.size
+        self.values[t[kept], slot[kept]] = values[kept]
+        self.count += per_step
+
+    def state(self) -> dict:
+        return {"values": self.values.cpu(), "count": self.count.cpu()}
+
+    def load(self, state: dict) -> None:
+        self.values.copy_(state["values"])
+        self.count.copy_(state["count"])
+        self._full = False
+
+
+class DiffRec(RecModel):
+    """One denoiser over the user rows, its AdamW, the diffusion schedule and the importance history."""
+
+    name = "diffrec"
+    paper = "DiffRec: diffusion recommender model (Wang et al., SIGIR 2023)"
+    phases = ("denoiser",)
+    loss_phases = {"loss": "denoiser"}
+    # main.py:42-45: lr 1e-4, batch 400, <= 1000 epochs; :150-183 evaluates every 5 epochs and stops at the
+    # start of the epoch 20 after the best one, so after the 3 evaluations (best+5, +10, +15) that did not improve
+    defaults = {"lr": 1e-4, "batch": 400, "epoch": 1000, "tstEpoch": 5, "patience": 3}
+    # ours (DiffMM does not publish its DiffRec settings); noise_min x noise_max is the
+    # Cartesian product, a superset of the proposed pairs (5e-4, 5e-3) and (1e-3, 1e-2)
+    grid = {"lr": [1e-5, 5e-5, 1e-4], "steps": [5, 10], "noise_scale": [1e-4, 1e-3, 1e-2, 0.1],
+            "noise_min": [5e-4, 1e-3], "noise_max": [5e-3, 1e-2]}
+
+    def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
+        super().__init__(args, data, device)
+        self.denoiser = Denoiser(data.n_items, args.dims, args.emb_size, args.norm).to(device)
+        self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device,
+                                           beta_fixed=BETA_FIXED)
+        self.history = StepHistory(args.steps, device)
+        self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        # the scoring chain in the denoiser's hidden space where that is exact (Model.GaussianDiffusion.p_sample_hidden)
+        self.hidden_reverse = (args.reverse == "auto" and args.mean_type == "x0" and not args.norm
+                               and not args.sampling_noise)
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("diffrec (DiffRec main.py: the authors' names and defaults)")
+        g.add_argument("--dims", default="[1000]", type=int_list, help="hidden sizes of the denoiser MLP")
+        g.add_argument("--emb_size", default=10, type=int, help="size of the diffusion-step embedding")
+        g.add_argument("--norm", default=False, type=str2bool, help="L2-normalise the denoiser input")
+        g.add_argument("--mean_type", default="x0", choices=["x0", "eps"],
+                       help="what the denoiser predicts: x0 = the clean row (the paper), eps = the noise")
+        g.add_argument("--steps", default=100, type=int, help="T: diffusion steps")
+        g.add_argument("--noise_scale", default=0.1, type=float, help="s: noise scale")
+        g.add_argument("--noise_min", default=0.0001, type=float, help="γmin: lower noise bound")
+        g.add_argument("--noise_max", default=0.02, type=float, help="γmax: upper noise bound")
+        g.add_argument("--reweight", default=True, type=str2bool,
+                       help="weight step t's loss by w_t (x0: SNR(t-1) - SNR(t), w_0 = 1); false = weight 1 (the "
+                            "authors' code crashes there)")
+        g.add_argument("--sampling_steps", default=0, type=int,
+                       help="T': scoring starts from x_{T'} = q(x0, T'-1); 0 = from the train row itself")
+        g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in the reverse steps")
+        g.add_argument("--weight_decay", default=0.0, type=float, help="AdamW weight decay")
+        g.add_argument("--reverse", default="auto", choices=["auto", "direct"],
+                       help="scoring chain: auto = in the denoiser's hidden space wherever that is exact (mean_type "
+                            "x0, --norm false, --sampling_noise false; same scores to float rounding), else direct; "
+                            "direct = step by step on the item rows, as the authors")
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        if args.steps < 1:
+            return f"--steps must be at least 1, got {args.steps}."
+        if not 0 <= args.sampling_steps <= args.steps:
+            return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}."
+        if args.noise_scale <= 0.0 or args.noise_min < 0.0:
+            return (f"--noise_scale must be positive and --noise_min non-negative (DiffRec cannot train without "
+                    f"noise), got {args.noise_scale} and {args.noise_min}.")
+        if args.steps > 1 and args.noise_min >= args.noise_max:
+            return (f"--noise_min ({args.noise_min}) must be below --noise_max ({args.noise_max}): the noise "
+                    f"variance must grow with t.")
+        if args.noise_scale * args.noise_max >= 1.0:
+            product = args.noise_scale * args.noise_max
+            return f"--noise_scale x --noise_max must be below 1 (it is a variance), got {product}."
+        if args.emb_size < 1:
+            return f"--emb_size must be at least 1, got {args.emb_size}."
+        if args.weight_decay < 0.0:
+            return f"--weight_decay must not be negative, got {args.weight_decay}."
+        return None
+
+    # --- training ------------------------------------------------------------------------------
+    def step_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """w_t of each row (float64): x0: SNR(t-1) - SNR(t) (Eq. 11); eps: (1-ᾱ_t) / ((1-ᾱ_{t-1})² (1-β_t));
+        both 1 at t = 0, and 1 everywhere without --reweight (`gaussian_diffusion.py:142-155`)."""
+        d = self.diffusion
+        if not self.args.reweight:
+            return torch.ones(len(t), dtype=torch.float64, device=t.device)
+        if self.args.mean_type == "x0":
+            return d.elbo_weight(t)
+        weight = (1.0 - d.alphas_cumprod[t]) / ((1.0 - d.alphas_cumprod_prev[t]).square() * (1.0 - d.betas[t]))
+        return torch.where(t == 0, torch.ones_like(weight), weight)
+
+    def start_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x̂0 = sqrt(1/ᾱ_t) x_t - sqrt(1/ᾱ_t - 1) ε̂."""
+        a = self.diffusion.alphas_cumprod[t][:, None]
+        return (a.rsqrt() * x_t - (1.0 / a - 1.0).sqrt() * eps).float()
+
+    def batch_loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """Mean over the rows of w_t·loss_row/(p_t·T); the history receives w_t·loss_row (`:124-174`)."""
+        t, pt = self.history.sample(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        with self.autocast():
+            output = self.denoiser(x_t, t).float()
+        if self.args.mean_type == "x0":
+            row_loss = (x0 - output).square().mean(dim=1)
+        else:  # the noise is the target; at t = 0 the row's loss is the likelihood term of x̂0 instead
+            mse = (noise - output).square().mean(dim=1)
+            likelihood = ((x0 - self.start_from_eps(x_t, t, output)).square() / 2.0).mean(dim=1)
+            row_loss = torch.where(t == 0, likelihood, mse)
+        weighted = self.step_weights(t).float() * row_loss
+        self.history.update(t, weighted.detach())
+        return (weighted / pt).mean()
+
+    def train_epoch(self, epoch: int, timer: PhaseTimer) -> Losses:
+        with timer.phase("denoiser"):
+            self.denoiser.train()
+            total = torch.zeros((), device=self.device)
+            batches = user_batches(self.data.n_users, self.args.batch, shuffle=True)
+            for rows in self.progress(batches, self.name):
+                x0 = dense_rows(self.data.train, rows, self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.batch_loss(x0)
+                loss.backward()
+                self.optimizer.step()
+                total += loss.detach()
+        return {"loss": {"loss": float(total) / len(batches)}}
+
+    # --- scoring --------------------------------------------------------------------------------
+    def scorer(self) -> Scorer:
+        """The denoised rows of a batch of users: T reverse steps from their train rows (or from x_{T'})."""
+        args = self.args
+
+        def predict_start(x: torch.Tensor, t: torch.Tensor, mess_dropout: bool = True) -> torch.Tensor:
+            return self.start_from_eps(x, t, self.denoiser(x, t, mess_dropout).float())
+
+        denoiser = self.denoiser if args.mean_type == "x0" else predict_start
+
+        def score(users: torch.Tensor) -> torch.Tensor:
+            rows = users.cpu().numpy()
+            x0 = dense_rows(self.data.train, rows, self.device)
+            with self.autocast():
+                if self.hidden_reverse:
+                    return self.diffusion.p_sample_hidden(self.denoiser, x0, args.sampling_steps,
+                                                          to_torch_csr(self.data.train[rows], self.device))
+                return self.diffusion.p_sample(denoiser, x0, args.sampling_steps, args.sampling_noise)
+
+        return score
+
+    # --- state ----------------------------------------------------------------------------------
+    def training_state(self) -> dict:
+        """The base state (denoiser, AdamW) and the importance history, so a resumed run samples the same t."""
+        return dict(super().training_state(), step_history=self.history.state())
+
+    def load_training_state(self, state: dict) -> None:
+        super().load_training_state(state)
+        self.history.load(state["step_history"])

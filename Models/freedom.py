@@ -31,7 +31,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from DataHandler import symmetric_graph
 from Models.base import PairwiseModel, add_pairwise_args, trainable_features

@@ -314,8 +314,12 @@ def test_reproduce_states_missing_modalities(data_dir, tmp_path, capsys):
                            "--latdim", "8", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "lacks text" in out and "0.1129" in out and "0.0456" in out
+    assert "lacks text" in out and "0.1129" in out and "0.0456" in out and "DiffMM Table 2" in out
     assert (tmp_path / "t2" / "comparison.md").is_file()
+    # DiffMM ran its published TikTok command (the preset), the explicit flags on top
+    config = json.loads((tmp_path / "t2" / "diffmm" / "base" / "seed421" / "summary.json").read_text())["config"]
+    assert (config["preset"], config["reg"], config["trans"], config["cl_method"], config["epoch"]) == \
+        ("diffmm-tiktok", 1e-4, 1, 1, 1)
 
 
 def test_table2_runs_every_model_and_skips_those_needing_features(data_dir, tmp_path, capsys):

@@ -76,8 +76,11 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_numbers(gen_dir, tmp_pat
 
 def test_ctrl_c_leaves_a_resumable_folder(gen_dir, tmp_path):
     out = tmp_path / "interrupted"
-    process = subprocess.Popen(command(gen_dir, out, "--epoch", "30"), env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    # a shell that ran this suite in the background left SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default handling of an interactive Ctrl-C
+    process = subprocess.Popen(command(gen_dir, out, "--epoch", "1000"), env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_epochs(out, 2, process)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)

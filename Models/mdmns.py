@@ -300,7 +300,8 @@ class MDMNS(DiffMM):
         from Params import str2bool
 
         DiffMM.add_args(parser)
-        g = parser.add_argument_group("mdmns (its authors' code, HuXianshengNXU/MDMNS-main; fixes of the authors' defects are off by default)")
+        g = parser.add_argument_group("mdmns (its authors' code, HuXianshengNXU/MDMNS-main; "
+                                      "fixes of the authors' defects are off by default)")
         g.add_argument("--guide_fused_hidden_dim", default=64, type=int,
                        help="h: width of the guidance GCN of the diffusion training")
         g.add_argument("--guide_fresh_per_call", default=True, type=str2bool,

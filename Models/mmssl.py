@@ -304,7 +304,8 @@ class MMSSL(RecModel):
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("mmssl (the authors' utility/parser.py, HKUDS/MMSSL; fixes of their defects are off by default)")
+        g = parser.add_argument_group("mmssl (the authors' utility/parser.py, HKUDS/MMSSL; "
+                                      "fixes of their defects are off by default)")
         g.add_argument("--embed_size", default=64, type=int, help="d: size of the ID embeddings and modality views")
         g.add_argument("--regs", default="[1e-5,1e-5,1e-2]", type=float_list,
                        help="only regs[0] is read: weight of the L2 term ½(‖u‖²+‖p‖²+‖n‖²)/B on the batch's final "

@@ -11,12 +11,15 @@ best_model.pt, summary.json, curves.png) and timing. It drives a model only thro
 """
 from __future__ import annotations
 
+import Utils.openmp  # noqa: F401  (first: sets the OpenMP wait policy before torch loads its thread pool)
+
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +28,10 @@ from DataHandler import Data, DataError, load_data
 from Models import get_model
 from Models.base import RecModel
 from Params import parse_args
-from Utils.helpers import (PhaseTimer, UsageError, atomic_torch_save, atomic_write_text, bf16_speedup,
-                           cpu_flags, device_name, duration, make_run_dir, package_versions, resolve_device, rng_state, run_log,
-                           seed_everything, set_rng_state, setup_logging)
+from Utils.helpers import (PhaseTimer, UsageError, atomic_torch_save, atomic_write_text, bf16_speedup, cpu_flags,
+                           device_name, duration, exit_on_interrupt, make_run_dir, matmul_precision, package_versions,
+                           resolve_device, resolve_threads, rng_state, run_log, seed_everything, set_rng_state,
+                           setup_logging)
 from Utils.metrics import dot_scorer, evaluate, group_metrics, per_user_metrics, popularity_scores
 from Utils.synthetic import write_synthetic
 
@@ -99,44 +103,62 @@ def loss_text(losses: Dict[str, float]) -> str:
 
 
 class TrainingStopped(Exception):
-    """The run stopped before its last epoch (a non-finite loss, Ctrl-C): one sentence, and the exit code."""
+    """The run stopped before its last epoch (a non-finite loss): one sentence, and the exit code."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
 
 
-def run(args: argparse.Namespace) -> dict:
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after the run folder was written: still a KeyboardInterrupt, so that whoever called
+    the run (a sweep, the test suite) stops too instead of going on to the next one. Its text says how to resume."""
+
+    exit_code = 130
+
+
+class RunPruned(Exception):
+    """Raised by an `on_epoch` callback (a sweep's pruner) to end a run early on purpose: the run ends cleanly, its
+    summary.json gets `pruned` with the epoch and this text as the reason, and it counts as finished (not resumed)."""
+
+
+def run(args: argparse.Namespace, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Train and evaluate one configuration; write the run folder; return the summary.
 
     `--resume RUN_DIR` continues a run from RUN_DIR/last.pt, the state after its last completed epoch.
+    `on_epoch(record)`, if given, is called after each epoch's files are written (a sweep's pruner reports
+    there); raising `RunPruned` in it ends the run cleanly as pruned.
     Logging: adds the run's log.txt to the 'diffmm' logger for the run's duration and removes it
     afterwards; the caller's console set-up is left as it is.
     """
     if args.resume:
-        return resume(Path(args.resume), quiet=args.quiet, epoch=args.epoch)
+        return resume(Path(args.resume), quiet=args.quiet, epoch=args.epoch, threads=args.threads, on_epoch=on_epoch)
     device = resolve_device(args.device, args.gpu)
+    resolve_threads(args.threads, device)
     model_class = get_model(args.model)
     data = load_run_data(args, model_class.needs_features)
     problem = model_class.check(args, data)
     if problem:
         raise UsageError(problem)
-    run_dir = make_run_dir(args.out_dir, f"{args.data}-{args.model}")
-    with run_log(run_dir):
-        return train_and_report(args, data, device, run_dir)
+    with matmul_precision(args.precision, device):  # checked (tf32 on a CPU) before the run folder is made
+        run_dir = make_run_dir(args.out_dir, f"{args.data}-{args.model}")
+        with run_log(run_dir):
+            return train_and_report(args, data, device, run_dir, on_epoch=on_epoch)
 
 
-def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None) -> dict:
+def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, threads: Optional[str] = None,
+           on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Continue the run in `run_dir` from its last completed epoch, with its own configuration.
 
     `epoch`: a new total number of epochs (to give a long run more, or to end it early: at or below the
-    epochs already run, it ends now and writes its summary).
+    epochs already run, it ends now and writes its summary). `threads`: the CPU threads of this machine's share
+    (a run resumed elsewhere need not use the threads it started with; it changes no number but speed).
     """
     last = run_dir / "last.pt"
     if not last.is_file():
         raise UsageError(f"{run_dir} has no last.pt, so there is no run to resume there (is it a run folder of "
                          f"this package?).")
-    state = torch.load(last, weights_only=True)
+    state = torch.load(last, map_location="cpu", weights_only=True)  # a run saved on a GPU resumes anywhere
     args = argparse.Namespace(**state["config"])
     args.quiet, args.resume = quiet or args.quiet, None
     if epoch is not None and epoch != args.epoch:
@@ -146,20 +168,23 @@ def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None) -> d
         raise UsageError(f"the run in {run_dir} has already finished ({len(state['harness']['history'])} epochs); "
                          f"its results are in {run_dir / 'summary.json'}.")
     device = resolve_device(args.device, args.gpu)
+    args.threads = threads if threads is not None else getattr(args, "threads", "auto")  # runs older than --threads
+    resolve_threads(args.threads, device)
     data = load_run_data(args, get_model(args.model).needs_features)
-    with run_log(run_dir):
+    with matmul_precision(args.precision, device), run_log(run_dir):
         log.info(f"resuming {run_dir} after epoch {state['harness']['history'][-1]['epoch']}")
-        return train_and_report(args, data, device, run_dir, state)
+        return train_and_report(args, data, device, run_dir, state, on_epoch)
 
 
 def train_and_report(args: argparse.Namespace, data: Data, device: torch.device, run_dir: Path,
-                     resume_state: Optional[dict] = None) -> dict:
+                     resume_state: Optional[dict] = None, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     if resume_state is None:
         log.info("configuration: " + json.dumps(vars(args), sort_keys=True))
     modalities = ", ".join(f"{m} ({f.shape[1]}-d)" for m, f in data.features.items()) or "none used"
     log.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train / "
              f"{data.val.nnz} val / {data.test.nnz} test interactions; modalities {modalities}; "
-             f"model {args.model}; device {device_name(device)}")
+             f"model {args.model}; device {device_name(device)}; {torch.get_num_threads()} CPU threads "
+             f"(--threads {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     if args.precision == "bf16" and device.type == "cpu":
         speedup = bf16_speedup()
         if speedup < 1.0:
@@ -183,14 +208,15 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
         set_rng_state(resume_state["rng"])
     history, best = state["history"], state["best"]
     start = history[-1]["epoch"] + 1 if history else 0
-    stopped = None
+    stopped, pruned = None, None
     if start >= args.epoch:  # resumed with a budget already spent
         state["finished"] = True
     for epoch in range(start, args.epoch):
         try:
             record = train_one_epoch(model, data, args, epoch)
         except KeyboardInterrupt:
-            stopped = {"reason": f"interrupted (Ctrl-C) during epoch {epoch}", "epoch": epoch, "exit_code": 130}
+            stopped = {"reason": f"interrupted (Ctrl-C) during epoch {epoch}", "epoch": epoch,
+                       "exit_code": RunInterrupted.exit_code}
             break
         bad = non_finite_loss(record, model)
         if bad:
@@ -218,6 +244,13 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
         atomic_torch_save({"config": vars(args), "model": model.training_state(), "harness": state,
                            "rng": rng_state()}, run_dir / "last.pt")
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        if on_epoch is not None:  # after the epoch's files, so a callback sees (and may stop at) a resumable state
+            try:
+                on_epoch(record)
+            except RunPruned as e:
+                pruned = {"epoch": epoch, "reason": str(e)}
+                log.info(f"pruned after epoch {epoch}: {e}")
+                break
         if early_stop:
             log.info(f"early stop: validation Recall@{k} did not improve for {args.patience} evaluations")
             break
@@ -227,12 +260,20 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
     if stopped is not None:
         summary["stopped"] = {"reason": stopped["reason"], "epoch": stopped["epoch"],
                               "resume": f"python Main.py --resume {run_dir}"}
+    if pruned is not None:
+        summary["pruned"] = pruned
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     if stopped is not None:
         last = f"epoch {history[-1]['epoch']}" if history else "none: no epoch completed"
-        raise TrainingStopped(f"{stopped['reason']}; stopped. The last good checkpoint ({last}) is kept in "
-                              f"{run_dir / 'last.pt'} and summary.json says why.", stopped["exit_code"])
-    report(summary, run_dir)
+        message = (f"{stopped['reason']}; stopped. The last good checkpoint ({last}) is kept in "
+                   f"{run_dir / 'last.pt'} and summary.json says why.")
+        if stopped["exit_code"] == RunInterrupted.exit_code:
+            raise RunInterrupted(message + f" Resume with: python Main.py --resume {run_dir}")
+        raise TrainingStopped(message, stopped["exit_code"])
+    if not getattr(args, "keep_last", True):  # finished (its epochs, early-stopped or pruned): best_model.pt stays
+        (run_dir / "last.pt").unlink(missing_ok=True)
+    if summary["protocols"]["validation"] is not None:  # a run pruned before its first evaluation has none
+        report(summary, run_dir)
     write_curves(run_dir)
     return summary
 
@@ -306,6 +347,7 @@ def make_summary(args: argparse.Namespace, data: Data, device: torch.device, his
                    "per_epoch": [h["seconds"] for h in history],
                    "total": float(np.sum(epoch_seconds))},
         "device": device_name(device),
+        "threads": torch.get_num_threads(),  # CPU threads of the run (--threads), on a GPU too (data, sampling)
         "versions": package_versions(),
     }
 
@@ -333,8 +375,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingStopped as e:
         log.error(f"error: {e}")
         return e.exit_code
+    except RunInterrupted as e:
+        log.error(f"error: {e}")
+        raise  # the caller stops too; on the command line `exit_on_interrupt` turns it into exit code 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_interrupt(main))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import Data, dense_rows, normalized_graph, sample_negatives, train_graph, train_pairs, user_batches
+from DataHandler import (Data, DeviceRows, device_batches, normalized_graph, sample_negatives, train_graph, train_pairs,
+                         user_batches)
 from Models.base import RecModel
 from Utils.helpers import PhaseTimer
-from Utils.layers import Graph, bpr_loss, info_nce, propagate, to_torch_csr
+from Utils.layers import Graph, bpr_loss, info_nce, propagate
 
 Views = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -309,6 +310,10 @@ class GaussianDiffusion:
         }
         for name, value in table.items():
             setattr(self, name, value.to(device))
+        # the reverse chain's coefficients as Python floats (their float32 values), which `p_sample_hidden` reads
+        # at every step: from the device tables, each read would be a device synchronisation
+        self.host_coef1 = table["posterior_mean_coef1"].float().tolist()
+        self.host_coef2 = table["posterior_mean_coef2"].float().tolist()
 
     @staticmethod
     def _at(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -334,14 +339,17 @@ class GaussianDiffusion:
         """Mean of q(x_{t-1} | x_t, x̂0) (Eq. 8)."""
         return self._at(self.posterior_mean_coef1, t) * x0_hat + self._at(self.posterior_mean_coef2, t) * x_t
 
-    def training_losses(self, denoiser: Denoiser, x0: torch.Tensor, item_emb: torch.Tensor,
-                        modal_feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def training_losses(self, denoiser: Denoiser, x0: torch.Tensor, item_emb: torch.Tensor, modal_feat: torch.Tensor,
+                        t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-row ELBO term w_t · mean_i (x0 - x̂0)² (Eq. 11-13) and MSI term mean_d (x̂0 f_m - x0 Ei)² (Eq. 14).
 
         `item_emb` and `modal_feat` must be detached: the diffusion loss does not train the recommender.
+        The steps `t` and the noise ε are drawn here unless given (tests feed the same draws to two devices).
         """
-        t = torch.randint(0, self.steps, (x0.shape[0],), device=x0.device)
-        x_t = self.q_sample(x0, t) if self.noise_scale != 0 else x0
+        if t is None:
+            t = torch.randint(0, self.steps, (x0.shape[0],), device=x0.device)
+        x_t = self.q_sample(x0, t, noise) if self.noise_scale != 0 else x0
         x0_hat = denoiser(x_t, t).float()
         elbo = self.elbo_weight(t).float() * (x0 - x0_hat).square().mean(dim=1)
         msi = (x0_hat @ modal_feat - x0 @ item_emb).square().mean(dim=1)
@@ -390,12 +398,35 @@ class GaussianDiffusion:
         for step in reversed(range(self.steps)):
             t = torch.full((n,), step, device=x0.device, dtype=torch.long)
             z = denoiser.hidden(a, denoiser.emb_layer(step_embedding(t, denoiser.emb_size)))
-            c1 = float(self.posterior_mean_coef1[step].float())
-            c2 = float(self.posterior_mean_coef2[step].float())
+            c1, c2 = self.host_coef1[step], self.host_coef2[step]
             a = c1 * (F.linear(z, m) + v) + c2 * a
             total = c1 * z + c2 * total
             bias_scale, start_scale = c1 + c2 * bias_scale, c2 * start_scale
         return (F.linear(total, last.weight) + bias_scale * last.bias).float() + start_scale * x_start
+
+
+def hidden_reverse_is_cheaper(n_items: int, hidden: int, steps: int, batch: int) -> bool:
+    """Whether `p_sample_hidden` costs fewer multiply-adds than `p_sample` for a batch of `batch` rows.
+
+    With h = the denoiser's last hidden size (that of W_x and W_out), the direct chain runs the I-wide first and
+    last layers at every step, 2·T·B·I·h; the hidden one forms M = W_x W_out once per batch (h·I·h), runs
+    M z at every step (T·B·h²) and one I-wide product at each end (2·B·I·h, the start counted dense). The
+    rest (the step embedding, the inner layers) is the same on both. The hidden chain pays on wide
+    catalogues (TikTok: I = 6,710 against h = 1,000, a third of the work); on a few hundred items with
+    few steps the direct one is cheaper. Measured on the CPU, the ratio of seconds follows this count
+    (README, Performance).
+    """
+    direct = 2 * steps * batch * n_items * hidden
+    in_hidden = hidden * n_items * hidden + steps * batch * hidden * hidden + 2 * batch * n_items * hidden
+    return in_hidden < direct
+
+
+def use_hidden_reverse(mode: str, exact: bool, n_items: int, hidden: int, steps: int, batch: int) -> bool:
+    """--reverse: 'direct' never, 'hidden' always (where exact: `check` refuses it elsewhere), 'auto' where it is
+    exact and cheaper (`hidden_reverse_is_cheaper`). Both paths give the same rows to float rounding."""
+    if mode == "direct" or not exact:
+        return False
+    return mode == "hidden" or hidden_reverse_is_cheaper(n_items, hidden, steps, batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,8 +496,10 @@ class DiffMM(RecModel):
                                     for m, d in self.denoisers.items()}
         self.rng = np.random.default_rng(args.seed)
         self.pairs = train_pairs(data.train)
-        # the reverse process in the denoiser's hidden space where that is exact (GaussianDiffusion.p_sample_hidden)
-        self.hidden_reverse = args.reverse == "auto" and not args.norm and not args.sampling_noise
+        self.user_rows = DeviceRows(data.train, device)  # every user's train row, gathered per batch on the device
+        # the reverse process in the denoiser's hidden space where that is exact and cheaper (p_sample_hidden)
+        self.hidden_reverse = use_hidden_reverse(args.reverse, not args.norm and not args.sampling_noise,
+                                                 data.n_items, args.dims[-1], args.steps, args.batch)
         # the last rebuild: per modality its graphs ("full", "dropped", "view") and top items (U x rebuild_k)
         self.graphs: Dict[str, Dict[str, Graph]] = {}
         self.generated: Dict[str, np.ndarray] = {}
@@ -480,6 +513,9 @@ class DiffMM(RecModel):
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
         if args.rebuild_k > data.n_items:
             return f"--rebuild_k {args.rebuild_k} exceeds the {data.n_items} items of {data.name}."
+        if args.reverse == "hidden" and (args.norm or args.sampling_noise):
+            return ("--reverse hidden is exact only with --norm false and --sampling_noise false; use --reverse auto "
+                    "or direct.")
         return None
 
     # --- the epoch ---------------------------------------------------------------------------
@@ -495,7 +531,7 @@ class DiffMM(RecModel):
                                             view_graphs={m: g["view"] for m, g in self.graphs.items()})
         return {"loss": losses, "denoiser_loss": denoiser_loss}
 
-    def generator_loss(self, generator: nn.Module, x0: torch.Tensor, rows: np.ndarray,
+    def generator_loss(self, generator: nn.Module, x0: torch.Tensor, rows: Union[np.ndarray, torch.Tensor],
                        modal_feat: torch.Tensor) -> torch.Tensor:
         """The loss of one modality's graph generator on a batch of user rows x0.
 
@@ -505,7 +541,7 @@ class DiffMM(RecModel):
         """
         if isinstance(generator, VGAE):
             return generator.loss(self.adj, self.recommender.user_emb.detach(), modal_feat,
-                                  torch.from_numpy(rows).to(self.device), x0)
+                                  torch.as_tensor(rows, device=self.device), x0)
         elbo, msi = self.diffusion.training_losses(generator, x0, self.recommender.item_emb.detach(), modal_feat)
         if self.args.ablation == "no_msi":
             return elbo.mean()
@@ -518,13 +554,13 @@ class DiffMM(RecModel):
             modal_feats = self.recommender.modal_features()
         totals = {m: torch.zeros((), device=self.device) for m in self.data.modalities}
         batches = user_batches(self.data.n_users, self.args.batch, True)
-        for rows in self.progress(batches, "denoisers"):
-            x0 = dense_rows(self.data.train, rows, self.device)
+        for idx in self.progress(device_batches(batches, self.device), "denoisers"):
+            x0 = self.user_rows.dense(idx)
             loss = 0.0
             for m, denoiser in self.denoisers.items():
                 self.denoiser_optimizers[m].zero_grad(set_to_none=True)
                 with self.autocast():
-                    loss_m = self.generator_loss(denoiser, x0, rows, modal_feats[m])
+                    loss_m = self.generator_loss(denoiser, x0, idx, modal_feats[m])
                 totals[m] += loss_m.detach()
                 loss = loss + loss_m
             loss.backward()
@@ -545,19 +581,18 @@ class DiffMM(RecModel):
                                                  self.recommender.modal_features()[modality])
         # one buffer for all users: per-batch results kept between the batch x items tensors fragment the heap
         top = torch.empty(self.data.n_users, self.args.rebuild_k, dtype=torch.long, device=self.device)
-        for rows in self.progress(user_batches(self.data.n_users, self.args.batch, False), "rebuild"):
-            idx = torch.from_numpy(rows).to(self.device)
+        batches = user_batches(self.data.n_users, self.args.batch, False)
+        for rows, idx in zip(self.progress(batches, "rebuild"), device_batches(batches, self.device)):
             if isinstance(denoiser, VGAE):
                 scores = user_z[idx] @ item_z.T
             elif self.hidden_reverse:
                 with self.autocast():
-                    scores = self.diffusion.p_sample_hidden(
-                        denoiser, dense_rows(self.data.train, rows, self.device), self.args.sampling_steps,
-                        to_torch_csr(self.data.train[rows], self.device))
+                    scores = self.diffusion.p_sample_hidden(denoiser, self.user_rows.dense(idx),
+                                                            self.args.sampling_steps, self.user_rows.csr(idx, rows))
             else:
                 with self.autocast():
-                    scores = self.diffusion.p_sample(denoiser, dense_rows(self.data.train, rows, self.device),
-                                                     self.args.sampling_steps, self.args.sampling_noise)
+                    scores = self.diffusion.p_sample(denoiser, self.user_rows.dense(idx), self.args.sampling_steps,
+                                                     self.args.sampling_noise)
             top[idx] = torch.topk(scores, self.args.rebuild_k, dim=1).indices
         denoiser.train()
         return top
@@ -601,8 +636,7 @@ class DiffMM(RecModel):
         self.recommender.train()
         totals = torch.zeros(3, device=self.device)
         batches = user_batches(len(users), args.batch, True)
-        for rows in self.progress(batches, "recommender"):
-            idx = torch.from_numpy(rows).to(self.device)
+        for idx in self.progress(device_batches(batches, self.device), "recommender"):
             u, p, n = users[idx], positives[idx], negatives[idx]
             self.optimizer.zero_grad(set_to_none=True)
             with self.autocast():

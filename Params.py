@@ -13,6 +13,8 @@ import ast
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from Utils.helpers import parse_threads
+
 
 def str2bool(text: str) -> bool:
     """Parse a command-line boolean: true/false, yes/no, on/off, 1/0 (any case)."""
@@ -184,8 +186,13 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
     g.add_argument("--gpu", default="0", type=str, help="CUDA device index used when the device is CUDA")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16 = autocast matrix products to bfloat16 (losses, schedule and metrics stay fp32)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="bf16 = autocast matrix products to bfloat16 (losses, schedule and metrics stay fp32); "
+                        "tf32 = fp32 tensors with TF32 tensor-core matrix products (CUDA only)")
+    g.add_argument("--threads", default="auto", type=parse_threads, metavar="auto|N",
+                   help="CPU threads of the run: auto = the CPUs this process may use (its affinity mask), never "
+                        "more than torch's default; on a shared machine or with several runs at once give each run "
+                        "its share (README, Shared machines and several runs)")
     g.add_argument("--kernels", default="fast", choices=["fast", "plain"],
                    help="fast = the hand-written kernels of Utils/kernels.py (sparse products with a precomputed "
                         "transpose, fused InfoNCE); plain = torch's straightforward autograd, the reference that "
@@ -193,6 +200,10 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g.add_argument("--out_dir", default=None, type=str, help="run folder (default runs/<data>-<model>-<timestamp>)")
     g.add_argument("--quiet", default=False, type=str2bool, nargs="?", const=True, help="no progress bars")
     g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
+    g.add_argument("--keep_last", default=True, type=str2bool,
+                   help="keep last.pt (the state --resume continues from) when the run finishes; false deletes it "
+                        "then (an interrupted or stopped run keeps it), keeping best_model.pt; sweeps and reproduce "
+                        "default to false")
     g.add_argument("--resume", default=None, type=str, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last completed epoch (its configuration is used; "
                         "every other flag is ignored but --epoch, a new total number of epochs)")
@@ -235,11 +246,12 @@ def add_diffmm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in reverse sampling")
     g.add_argument("--sampling_steps", default=0, type=int, help="T': forward steps before reverse sampling")
     g.add_argument("--rebuild_k", default=1, type=int, help="k: items kept per user in a generated graph")
-    g.add_argument("--reverse", default="auto", choices=["auto", "direct"],
-                   help="reverse process of the graph rebuild: auto = in the denoiser's hidden space wherever that "
-                        "is exact (--norm false and --sampling_noise false; same rows to float rounding, one items-"
-                        "wide product per batch instead of two per step), else direct; direct = step by step on "
-                        "the item rows, as the authors")
+    g.add_argument("--reverse", default="auto", choices=["auto", "direct", "hidden"],
+                   help="reverse process of the graph rebuild: hidden = in the denoiser's hidden space (exact with "
+                        "--norm false and --sampling_noise false: same rows to float rounding, two items-wide "
+                        "products per batch instead of two per step); direct = step by step on the item rows, as "
+                        "the authors; auto = hidden where it is exact and costs fewer multiply-adds for these "
+                        "shapes (wide catalogues), else direct")
     g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
 
     g = p.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "

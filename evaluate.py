@@ -8,6 +8,8 @@ scores need (for DiffMM, the generated graphs of that epoch as they were used at
 """
 from __future__ import annotations
 
+import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
+
 import argparse
 import json
 import logging
@@ -57,4 +59,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from Utils.helpers import exit_on_interrupt
+    sys.exit(exit_on_interrupt(main))

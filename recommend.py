@@ -9,6 +9,8 @@ dataset folder has the id maps `prepare.py raw` writes (user_ids.txt, item_ids.t
 """
 from __future__ import annotations
 
+import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
+
 import argparse
 import csv
 import logging
@@ -90,4 +92,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from Utils.helpers import exit_on_interrupt
+    sys.exit(exit_on_interrupt(main))

@@ -5,11 +5,18 @@
 Takes every flag of Main.py, `--model` included (`--epochs N` sets `--epoch`); the run folder goes
 to a temporary directory unless `--out_dir` is given. Prints and writes (JSON) the median seconds of
 each phase the model times (DiffMM: denoiser training, graph rebuild, negative sampling, recommender
-training; every model: evaluation) and of the whole epoch, peak resident memory, and peak CUDA memory on a GPU. `--compare` runs the
-straightforward reference path and the fast path side by side (see `compare`). The first epoch is reported too
-but left out of the medians when more than one epoch runs (it includes warm-up).
+training; every model: evaluation) and of the whole epoch, the CPU threads, peak resident memory, and peak
+CUDA memory on a GPU (where the timer synchronises before and after each phase, so queued kernels are
+charged to the phase that queued them). `--compare` runs the straightforward reference path and the fast
+path side by side (see `compare`); `--models all --precisions fp32,tf32,bf16` the README's per-model
+epoch table. The first epoch is reported too but left out of the medians when more than one epoch runs
+(it includes warm-up).
+
+    python -m Experiments.benchmark --models all --precisions fp32,tf32,bf16 --data tiktok --data_dir D --epochs 3
 """
 from __future__ import annotations
+
+import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
 
 import argparse
 import json
@@ -26,8 +33,8 @@ import torch
 
 import Main
 from DataHandler import DataError
-from Params import parse_args
-from Utils.helpers import UsageError, setup_logging
+from Params import name_list, parse_args
+from Utils.helpers import UsageError, resolve_device, setup_logging
 
 log = logging.getLogger("diffmm")
 
@@ -42,8 +49,9 @@ def benchmark(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
         args = parse_args(argv + ["--epoch", str(epochs)])
         if args.out_dir is None:
             args.out_dir = str(Path(tmp) / "run")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        cuda = args.device != "cpu" and torch.cuda.is_available()
+        if cuda:  # peak memory of this run alone, on the device it runs on
+            torch.cuda.reset_peak_memory_stats(resolve_device(args.device, args.gpu))
         summary = Main.run(args)
     per_epoch = summary["timing"]["per_epoch"]
     measured = per_epoch[1:] if len(per_epoch) > 1 else per_epoch
@@ -58,7 +66,9 @@ def benchmark(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
         "median_seconds": {p: float(np.median([e.get(p, 0.0) for e in measured])) for p in phases},
         "first_epoch_seconds": per_epoch[0],
         "peak_rss_gib": round(peak_rss_gib(), 3),
-        "peak_cuda_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "threads": summary["threads"],
+        "peak_cuda_gib": (round(torch.cuda.max_memory_allocated(resolve_device(args.device, args.gpu)) / 2**30, 3)
+                          if cuda else None),
         "test_paper_protocol": summary["protocols"]["paper"]["test"],
         "versions": summary["versions"],
     }
@@ -72,19 +82,49 @@ def benchmark(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
 REFERENCE = ["--reverse", "direct", "--kernels", "plain"]
 
 
+def in_own_process(argv: List[str], epochs: int) -> dict:
+    """`benchmark` in a fresh process, so that its peak memory (host and CUDA) is its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "Experiments.benchmark", "--epochs", str(epochs), "--json", str(out), *argv]
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+            raise UsageError(f"this benchmark failed (run it alone to see why): {' '.join(command[1:])}")
+        return json.loads(out.read_text())
+
+
+def table(models: List[str], precisions: List[str], argv: List[str], epochs: int, json_path: Optional[Path]) -> str:
+    """The per-model epoch table (README, Performance): every model x precision in its own process, each model with
+    its published command for the dataset where its authors give one (`--preset MODEL-DATA`), else its defaults."""
+    from Params import PRESETS
+
+    data = parse_args(argv).data
+    rows, results = [], []
+    for model in models:
+        command = ["--preset", f"{model}-{data}"] if f"{model}-{data}" in PRESETS else ["--model", model]
+        for precision in precisions:
+            result = in_own_process(command + argv + ["--precision", precision], epochs)
+            results.append(result)
+            seconds = result["median_seconds"]
+            phases = ", ".join(f"{p} {v:.2f}" for p, v in seconds.items() if p != "epoch")
+            cuda = f"{result['peak_cuda_gib']:.2f}" if result["peak_cuda_gib"] is not None else "—"
+            rows.append(f"| {model} | {precision} | {seconds['epoch']:.2f} | {phases} | {result['peak_rss_gib']:.2f} | "
+                        f"{cuda} | {result['test_paper_protocol']['Recall@20']:.4f} |")
+    device = results[0]["device"] if results else "?"
+    text = "\n".join([f"{data}, {epochs} epochs each, median epoch after the first; device {device}", "",
+                      "| model | precision | epoch s | phases s | peak RSS GiB | peak CUDA GiB | test Recall@20 |",
+                      "|---|---|---|---|---|---|---|", *rows, ""])
+    print(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+    return text
+
+
 def compare(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
     """The straightforward reference path (direct reverse process, torch's plain autograd for the sparse
     products and InfoNCE) and the fast path, each in a fresh process (so each peak memory is its own),
     on the same data and flags; prints the median seconds per phase and the ratio fast / reference."""
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in (("reference", REFERENCE), ("fast", [])):
-            out = Path(tmp) / f"{name}.json"
-            command = [sys.executable, "-m", "Experiments.benchmark", "--epochs", str(epochs), "--json", str(out),
-                       *argv, *extra]
-            if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
-                raise UsageError(f"the {name} benchmark failed: {' '.join(command)}")
-            results[name] = json.loads(out.read_text())
+    results = {name: in_own_process(argv + extra, epochs) for name, extra in (("reference", REFERENCE), ("fast", []))}
     ref, fast = results["reference"]["median_seconds"], results["fast"]["median_seconds"]
     lines = [f"{'phase':<14}{'reference s':>13}{'fast s':>10}{'fast/ref':>10}"]
     for phase in ref:
@@ -101,16 +141,24 @@ def compare(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --model is Main.py's, not an abbreviation of --models
     parser.add_argument("--epochs", type=int, default=3, help="epochs to run")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--compare", action="store_true",
                         help="run the reference path (" + " ".join(REFERENCE) + ") and the fast path, each in its "
                              "own process, and print the ratio per phase")
+    parser.add_argument("--models", type=name_list, default=None,
+                        help="a table: each of these models (comma-separated, or 'all') x each --precisions, each "
+                             "in its own process, with its published command for --data where one exists")
+    parser.add_argument("--precisions", type=name_list, default=["fp32"], help="with --models: e.g. fp32,tf32,bf16")
     own, rest = parser.parse_known_args(argv)
     setup_logging(quiet=True)
     try:
-        if own.compare:
+        if own.models:
+            from Models import model_names
+            table(model_names() if own.models == ["all"] else own.models, own.precisions, rest, own.epochs, own.json)
+        elif own.compare:
             compare(rest, own.epochs, own.json)
         else:
             benchmark(rest + ["--quiet"], own.epochs, own.json)
@@ -121,4 +169,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from Utils.helpers import exit_on_interrupt
+    sys.exit(exit_on_interrupt(main))

@@ -14,12 +14,15 @@ the paper's Table 2 beside ours where the paper has the model) and `groups.png` 
 model, from the same runs). A model that needs item features is skipped, with a note, on a dataset
 without feature files. Every run goes through `Experiments.sweep` (DIR/<model>/<cell>/seed<k>/);
 finished runs are not rerun. Any other flag (`--device`, `--quiet`, `--patience`, ...) is passed to
-every run.
+every run. `--workers N`, `--devices 0,1` or `--storage URL` run them all as one Optuna study shared by
+several processes or machines (`Experiments/workers.py`; README, Many runs at once).
 
 Ours are reported under both protocols: the paper's (epoch of the best test Recall, as the authors
 did) and the validation protocol (epoch chosen on validation, test reported there).
 """
 from __future__ import annotations
+
+import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
 
 import argparse
 import csv
@@ -114,14 +117,12 @@ def _summaries(run_dirs: Sequence[Path]) -> List[dict]:
 # Table 2: every model on one dataset
 # ---------------------------------------------------------------------------------------------
 
-def table2(data: str, data_dir: Path, models: Sequence[str], seeds: Sequence[int], sweep_dir: Path,
-           epoch: Optional[int], tune: bool, select: str, rest: Sequence[str]) -> Dict[str, object]:
-    """Run every model (its published command for `data`, or its defaults; its grid with `tune`).
-
-    Returns, per model, the run folders of the selected setting (one per seed) and that setting, or
-    a string saying why the model was skipped.
-    """
-    from Experiments.sweep import cell_name, preset, run_dir_of, sweep
+def table2_sweeps(data: str, data_dir: Path, models: Sequence[str], epoch: Optional[int], tune: bool,
+                  rest: Sequence[str]) -> Dict[str, object]:
+    """Per model, its sweep: (grid, base command line): its published command for `data` or its defaults, its
+    grid with `tune` (else none); or a string saying why the model is skipped. Shared by the sequential
+    Table 2 and its workers (`Experiments.workers`), so that both make the same runs."""
+    from Experiments.sweep import preset
     from Models import get_model
     from Params import PRESETS
 
@@ -134,7 +135,25 @@ def table2(data: str, data_dir: Path, models: Sequence[str], seeds: Sequence[int
         base = ["--data", data, "--data_dir", str(data_dir), "--model", model]
         base += ["--preset", f"{model}-{data}"] if f"{model}-{data}" in PRESETS else []
         base += (["--epoch", str(epoch)] if epoch is not None else []) + list(rest)
-        grid = preset(model) if tune and get_model(model).grid else {}
+        out[model] = (preset(model) if tune and get_model(model).grid else {}, base)
+    return out
+
+
+def table2(data: str, data_dir: Path, models: Sequence[str], seeds: Sequence[int], sweep_dir: Path,
+           epoch: Optional[int], tune: bool, select: str, rest: Sequence[str]) -> Dict[str, object]:
+    """Run every model (its published command for `data`, or its defaults; its grid with `tune`).
+
+    Returns, per model, the run folders of the selected setting (one per seed) and that setting, or
+    a string saying why the model was skipped.
+    """
+    from Experiments.sweep import cell_name, run_dir_of, sweep
+
+    out: Dict[str, object] = {}
+    for model, plan in table2_sweeps(data, data_dir, models, epoch, tune, rest).items():
+        if isinstance(plan, str):
+            out[model] = plan
+            continue
+        grid, base = plan
         result = sweep(grid, seeds, sweep_dir / model, base, select)
         cell = {f: result["selected"][f] for f in grid} if grid else {}
         out[model] = {"setting": cell_name(cell) if grid else "default",
@@ -245,10 +264,12 @@ def comparison(table: int, data: str, sweep_dir: Path, seeds: Sequence[int]) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from DataHandler import DataError
+    from Experiments import workers
     from Experiments.sweep import cells, run_dir_of, sweep
     from Models import model_names
     from Utils.helpers import UsageError, setup_logging
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description="Rerun paper Table 2 (every model), 3 or 4 (DiffMM) on a dataset and "
                                             "print our numbers beside the paper's; other flags go to Main.py.",
                                 allow_abbrev=False)
@@ -265,6 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--select", default="validation", choices=["validation", "mmrec"],
                    help="with --tune: select on validation (default) or by MMRec's rule (test)")
     p.add_argument("--sweep_dir", type=Path, default=None, help="runs folder (default runs/reproduce-<data>-table<N>)")
+    workers.add_worker_args(p)
     args, rest = p.parse_known_args(argv)
     setup_logging("--quiet" in rest)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -283,6 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unknown = [m for m in models if m not in model_names()]
             if unknown:
                 raise UsageError(f"unknown model {', '.join(unknown)}; the known models are {', '.join(model_names())}")
+            if workers.wanted(args):  # every model's runs as one study (README, Many runs at once); then as always
+                sweeps = table2_sweeps(args.data, args.data_dir, models, args.epoch, args.tune, rest)
+                plan = workers.plan_of(sweep_dir, [(sweep_dir / model, s[0], seeds, s[1]) for model, s in sweeps.items()
+                                                   if not isinstance(s, str)])
+                if workers.execute(args, argv, rest, "Experiments.reproduce", sweep_dir, plan=plan) is None:
+                    return 0  # a worker started by a parent, which writes the tables
             results = table2(args.data, args.data_dir, models, seeds, sweep_dir, args.epoch, args.tune, args.select,
                              rest)
             text = write_table2(args.data, note, results, sweep_dir)
@@ -295,6 +323,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 1
             base = ["--preset", f"diffmm-{args.data}", "--data_dir", str(args.data_dir)]
             base += (["--epoch", str(args.epoch)] if args.epoch is not None else []) + list(rest)
+            if workers.wanted(args):
+                plan = workers.plan_of(sweep_dir, [(sweep_dir, GRIDS[args.table], seeds, base)])
+                if workers.execute(args, argv, rest, "Experiments.reproduce", sweep_dir, plan=plan) is None:
+                    return 0
             sweep(GRIDS[args.table], seeds, sweep_dir, base)
             if args.table == 3:
                 from Utils.figures import ablation_bars
@@ -309,10 +341,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, UsageError, ValueError) as e:
         log.error(f"error: {e}")
         return 2
+    except workers.WorkersFailed as e:
+        log.error(f"error: {e}")
+        return 1
     print(text)
     print(f"runs, tables, figures and comparison.md in {sweep_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from Utils.helpers import exit_on_interrupt
+    sys.exit(exit_on_interrupt(main))

@@ -15,9 +15,16 @@ DIR/table.md and DIR/table.csv give, per cell, the mean ± std over seeds (sampl
 seed) of the validation protocol's test Recall/NDCG/Precision@topk and validation Recall@topk, and
 DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise). The selected
 cell is the one with the best mean validation Recall@topk (`--select mmrec`: MMRec's rule, the best
-mean test Recall@topk at the best-validation epoch, which selects on test).
+mean test Recall@topk at the best-validation epoch, which selects on test). A sweep's runs get
+`--keep_last false` unless it is given (a finished run drops its last.pt).
+
+With `--workers N`, `--devices 0,1`, `--storage URL` (or `--search tpe`, `--prune`) the runs are the
+trials of an Optuna study that several processes or machines share (`Experiments/workers.py`; README,
+Many runs at once); the tables are written by the same functions, from the same run folders.
 """
 from __future__ import annotations
+
+import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
 
 import argparse
 import csv
@@ -27,7 +34,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -95,38 +102,63 @@ def run_dir_of(sweep_dir: Path, cell: Dict[str, str], seed: int) -> Path:
     return Path(sweep_dir) / cell_name(cell) / f"seed{seed}"
 
 
+def with_keep_last(argv: Sequence[str]) -> List[str]:
+    """`argv` with `--keep_last false` unless it sets --keep_last: a sweep's finished runs drop their last.pt
+    (the largest file of a DiffMM run folder; README, Many runs at once), keeping best_model.pt."""
+    given = any(a == "--keep_last" or a.startswith("--keep_last=") for a in argv)
+    return list(argv) + ([] if given else ["--keep_last", "false"])
+
+
+def run_argv(base_argv: Sequence[str], cell: Dict[str, str], seed: int, sweep_dir: Path) -> List[str]:
+    """The Main.py command line of one cell x seed of a sweep (the same for the sequential sweep and workers)."""
+    return with_keep_last(base_argv) + cell_argv(cell) + ["--seed", str(seed), "--out_dir",
+                                                          str(run_dir_of(sweep_dir, cell, seed))]
+
+
+def finished_summary(run_dir: Path) -> Optional[dict]:
+    """The summary of a finished run (its epochs, early-stopped or pruned; not `stopped`), else None."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return None if "stopped" in summary else summary
+
+
+def run_cell(args: argparse.Namespace, run_dir: Path, label: str = "",
+             on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train one run of a sweep through Main.run: resumed from its last.pt when there is one (an interrupted
+    run), else from scratch (a folder without last.pt holds no epoch to keep, so it is removed first)."""
+    import Main
+
+    if (run_dir / "last.pt").is_file():  # an interrupted run: continue it from its last epoch
+        log.info(f"{label}resuming {run_dir}")
+        return Main.run(argparse.Namespace(**dict(vars(args), resume=str(run_dir))), on_epoch=on_epoch)
+    if run_dir.exists():
+        log.info(f"removing the unfinished run folder {run_dir} (no last.pt) to run it again")
+        shutil.rmtree(run_dir)
+    log.info(f"{label}{run_dir.parent.name} seed {args.seed} -> {run_dir}")
+    return Main.run(args, on_epoch=on_epoch)
+
+
 def sweep(grid: Dict[str, List[str]], seeds: Sequence[int], sweep_dir: Path, base_argv: Sequence[str] = (),
           select: str = "validation") -> dict:
     """Run every missing cell x seed, then write the tables and the figure.
 
     Returns what ran, the rows and the selected row (`select`: 'validation' or 'mmrec', see the module).
     """
-    import Main
     from Params import parse_args
 
     sweep_dir = Path(sweep_dir)
     plan = [(cell, seed) for cell in cells(grid) for seed in seeds]
     # parse every command line first, so a bad value fails before hours of training
-    parsed = {(cell_name(cell), seed): parse_args(list(base_argv) + cell_argv(cell) +
-                                                  ["--seed", str(seed), "--out_dir", str(run_dir_of(sweep_dir, cell, seed))])
-              for cell, seed in plan}
+    parsed = {(cell_name(cell), seed): parse_args(run_argv(base_argv, cell, seed, sweep_dir)) for cell, seed in plan}
     ran, skipped = [], []
     for i, (cell, seed) in enumerate(plan):
         run_dir = run_dir_of(sweep_dir, cell, seed)
-        summary = run_dir / "summary.json"
-        if summary.is_file() and "stopped" not in json.loads(summary.read_text()):
+        if finished_summary(run_dir) is not None:
             skipped.append(str(run_dir))
             continue
-        args = parsed[(cell_name(cell), seed)]
-        if (run_dir / "last.pt").is_file():  # an interrupted run: continue it from its last epoch
-            log.info(f"sweep run {i + 1}/{len(plan)}: resuming {run_dir}")
-            Main.run(argparse.Namespace(**dict(vars(args), resume=str(run_dir))))
-        else:
-            if run_dir.exists():
-                log.info(f"removing the unfinished run folder {run_dir} (no last.pt) to run it again")
-                shutil.rmtree(run_dir)
-            log.info(f"sweep run {i + 1}/{len(plan)}: {cell_name(cell)} seed {seed} -> {run_dir}")
-            Main.run(args)
+        run_cell(parsed[(cell_name(cell), seed)], run_dir, f"sweep run {i + 1}/{len(plan)}: ")
         ran.append(str(run_dir))
     rows = summarise(sweep_dir, grid, seeds)
     selected = select_row(rows, select)
@@ -137,6 +169,7 @@ def sweep(grid: Dict[str, List[str]], seeds: Sequence[int], sweep_dir: Path, bas
 
 def select_row(rows: List[dict], select: str = "validation") -> Optional[dict]:
     """The row with the best mean validation Recall@k, or (select='mmrec') the best mean test Recall@k."""
+    rows = [row for row in rows if not row.get("pruned")]  # a pruned cell (--prune) stopped early: never selected
     if not rows:
         return None
     k = rows[0]["k"]
@@ -148,13 +181,22 @@ def _mean_std(values: List[float]) -> tuple:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarise(sweep_dir: Path, grid: Dict[str, List[str]], seeds: Sequence[int]) -> List[dict]:
-    """One row per cell: flag values, seeds, K, and mean/std over seeds of the validation protocol's metrics."""
+def summarise(sweep_dir: Path, grid: Dict[str, List[str]], seeds: Sequence[int],
+              cell_list: Optional[List[Dict[str, str]]] = None) -> List[dict]:
+    """One row per cell (of the grid, or `cell_list`: a search's cells): flag values, seeds, K, and mean/std over
+    seeds of the validation protocol's metrics; `pruned` when a run of the cell was pruned (--prune), whose
+    later seeds (--search tpe) may not have run."""
     rows = []
-    for cell in cells(grid):
-        summaries = [json.loads((run_dir_of(sweep_dir, cell, s) / "summary.json").read_text()) for s in seeds]
+    for cell in cell_list if cell_list is not None else cells(grid):
+        paths = [run_dir_of(sweep_dir, cell, s) / "summary.json" for s in seeds]
+        summaries = [json.loads(path.read_text()) for path in paths if path.is_file()]
+        pruned = any("pruned" in s for s in summaries)
+        if not pruned:  # every seed's run is there (a missing one fails here, as it always did)
+            summaries = [json.loads(path.read_text()) for path in paths]
         k = summaries[0]["config"]["topk"]
         row: dict = dict(cell)
+        if pruned:
+            row["pruned"] = True
         row["seeds"] = len(summaries)
         row["k"] = k
         row["epoch_mean"] = float(np.mean([s["protocols"]["validation"]["epoch"] for s in summaries]))
@@ -177,6 +219,8 @@ def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path, selected: 
     k = rows[0]["k"] if rows else 20
     keys = [f"val_Recall@{k}"] + [f"test_{m}@{k}" for m in METRICS]
     columns = flags + ["seeds", "epoch_mean"] + [f"{key}_{stat}" for key in keys for stat in ("mean", "std")]
+    pruned = [row for row in rows if row.get("pruned")]
+    columns += ["pruned"] if pruned else []
     with open(sweep_dir / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -191,6 +235,9 @@ def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path, selected: 
         cells_ += [f"{row[f'{key}_mean']:.4f}" + (f" ± {row[f'{key}_std']:.4f}" if row["seeds"] > 1 else "")
                    for key in keys]
         lines.append("| " + " | ".join(cells_) + " |")
+    if pruned:
+        lines += ["", "Pruned (--prune stopped a run early; never selected): "
+                  + "; ".join(" ".join(f"{f}={row[f]}" for f in flags) or "base" for row in pruned)]
     if selected is not None and flags:
         rule = ("best mean validation Recall" if select == "validation"
                 else "best mean test Recall (MMRec's rule: it selects on test)")
@@ -211,8 +258,10 @@ def int_list(text: str) -> List[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from DataHandler import DataError
+    from Experiments import workers
     from Utils.helpers import UsageError, setup_logging
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
         description="Run a grid of Main.py flags x seeds and tabulate it (paper Table 4, Figures 3-4, MMRec's "
                     "grids); every other flag is passed to Main.py.", allow_abbrev=False)
@@ -225,6 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--select", default="validation", choices=["validation", "mmrec"],
                    help="how the table's selected cell is chosen: best validation Recall, or MMRec's best test "
                         "Recall at the best-validation epoch (selects on test)")
+    workers.add_worker_args(p, search=True)
     args, rest = p.parse_known_args(argv)
     setup_logging("--quiet" in rest)
     for flag in rest:
@@ -240,13 +290,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             grid, rest = preset(name), rest + ["--model", name]
         else:
             grid = parse_grid(args.grid, rest)
-        result = sweep(grid, args.seeds, args.sweep_dir, rest, args.select)
+        if workers.wanted(args):  # through an Optuna study (README, Many runs at once)
+            result = workers.sweep_in_study(grid, args, rest, argv)
+            if result is None:  # a worker started by a parent, which writes the tables
+                return 0
+        else:
+            result = sweep(grid, args.seeds, args.sweep_dir, rest, args.select)
     except (ValueError, DataError, UsageError) as e:
         log.error(f"error: {e}")
         return 2
+    except workers.WorkersFailed as e:
+        log.error(f"error: {e}")
+        return 1
     print((args.sweep_dir / "table.md").read_text())
     return 0 if result["rows"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from Utils.helpers import exit_on_interrupt
+    sys.exit(exit_on_interrupt(main))

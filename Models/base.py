@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from DataHandler import Data, sample_negatives, train_pairs, user_batches
+from DataHandler import Data, device_batches, sample_negatives, train_pairs, user_batches
 from Utils.helpers import PhaseTimer
 from Utils.metrics import Scorer, dot_scorer
 
@@ -221,8 +221,7 @@ class PairwiseModel(RecModel):
             self.train()
             totals: Dict[str, torch.Tensor] = {}
             batches = user_batches(len(users), self.args.batch, shuffle=True)
-            for rows in self.progress(batches, self.name):
-                idx = torch.from_numpy(rows).to(self.device)
+            for idx in self.progress(device_batches(batches, self.device), self.name):  # one copy, not one a batch
                 self._optimizer.zero_grad(set_to_none=True)
                 with self.autocast():
                     terms = self.batch_loss(users[idx], items[idx], None if negatives is None else negatives[idx])

@@ -27,7 +27,7 @@ Defects of the authors' code not carried over: `type=bool` flags (`--norm False`
 parsed as booleans here); `--reweight False` crashed on an unbound `loss` (here: weight 1, the plain MSE);
 `eval` of `--dims`; a Python loop per row to update the importance history (a tensor scatter here); the dense
 U x I copy of the train matrix; DiffRec's all-user metric average. `--reverse auto` runs the scoring chain in
-the denoiser's hidden space where that is exact (`Model.GaussianDiffusion.p_sample_hidden`).
+the denoiser's hidden space where that is exact and cheaper for the shapes (`Model.use_hidden_reverse`).
 """
 from __future__ import annotations
 
@@ -36,17 +36,22 @@ from typing import Optional, Tuple
 
 import torch
 
-from DataHandler import Data, dense_rows, user_batches
-from Model import Denoiser, GaussianDiffusion
+from DataHandler import Data, DeviceRows, device_batches, user_batches
+from Model import Denoiser, GaussianDiffusion, use_hidden_reverse
 from Models.base import Losses, RecModel
 from Params import int_list, str2bool
 from Utils.helpers import PhaseTimer
-from Utils.layers import to_torch_csr
 from Utils.metrics import Scorer
 
 BETA_FIXED = 1e-5   # DiffRec's β_0 (gaussian_diffusion.py:31); DiffMM's is 1e-4
 HISTORY = 10        # values kept per step (history_num_per_term)
 UNIFORM_PROB = 0.001
+
+
+def hidden_reverse_exact(args: argparse.Namespace) -> bool:
+    """The scoring chain runs in the denoiser's hidden space exactly when the denoiser predicts x0 from its raw
+    input and no noise is drawn (`Model.GaussianDiffusion.p_sample_hidden`)."""
+    return args.mean_type == "x0" and not args.norm and not args.sampling_noise
 
 
 class StepHistory:
@@ -90,11 +95,16 @@ class StepHistory:
         """
         order = torch.argsort(t, stable=True)
         t, values = t[order], values[order].to(self.values.dtype)
-        per_step = torch.bincount(t, minlength=self.steps)
+        # counted into a buffer of fixed size: bincount would read max(t) back from the device
+        per_step = torch.zeros(self.steps, dtype=torch.long, device=t.device).index_add_(0, t, torch.ones_like(t))
         rank = torch.arange(len(t), device=t.device) - (torch.cumsum(per_step, 0) - per_step)[t]
         kept = rank >= per_step[t] - self.size
         slot = (self.count[t] + rank) % self.size
-        self.values[t[kept], slot[kept]] = values[kept]
+        # every row is written, the ones not kept into a spare cell past the end (distinct cells for the kept
+        # ones): selecting the kept rows by a mask would read their number back from the device
+        cells = torch.cat([self.values.view(-1), self.values.new_zeros(1)])
+        cells[torch.where(kept, t * self.size + slot, len(cells) - 1)] = values
+        self.values.copy_(cells[:-1].view(self.steps, self.size))
         self.count += per_step
 
     def state(self) -> dict:
@@ -127,10 +137,11 @@ class DiffRec(RecModel):
         self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device,
                                            beta_fixed=BETA_FIXED)
         self.history = StepHistory(args.steps, device)
+        self.user_rows = DeviceRows(data.train, device)  # every user's train row, gathered per batch on the device
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        # the scoring chain in the denoiser's hidden space where that is exact (Model.GaussianDiffusion.p_sample_hidden)
-        self.hidden_reverse = (args.reverse == "auto" and args.mean_type == "x0" and not args.norm
-                               and not args.sampling_noise)
+        # the scoring chain in the denoiser's hidden space where that is exact and cheaper (Model.use_hidden_reverse)
+        self.hidden_reverse = use_hidden_reverse(args.reverse, hidden_reverse_exact(args), data.n_items,
+                                                 args.dims[-1], args.steps, args.tstBat)
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -151,15 +162,19 @@ class DiffRec(RecModel):
                        help="T': scoring starts from x_{T'} = q(x0, T'-1); 0 = from the train row itself")
         g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in the reverse steps")
         g.add_argument("--weight_decay", default=0.0, type=float, help="AdamW weight decay")
-        g.add_argument("--reverse", default="auto", choices=["auto", "direct"],
-                       help="scoring chain: auto = in the denoiser's hidden space wherever that is exact (mean_type "
-                            "x0, --norm false, --sampling_noise false; same scores to float rounding), else direct; "
-                            "direct = step by step on the item rows, as the authors")
+        g.add_argument("--reverse", default="auto", choices=["auto", "direct", "hidden"],
+                       help="scoring chain: hidden = in the denoiser's hidden space (exact with mean_type x0, --norm "
+                            "false, --sampling_noise false; same scores to float rounding); direct = step by step on "
+                            "the item rows, as the authors; auto = hidden where it is exact and cheaper for these "
+                            "shapes, else direct")
 
     @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
         if args.steps < 1:
             return f"--steps must be at least 1, got {args.steps}."
+        if args.reverse == "hidden" and not hidden_reverse_exact(args):
+            return ("--reverse hidden is exact only with --mean_type x0, --norm false and --sampling_noise false; use "
+                    "--reverse auto or direct.")
         if not 0 <= args.sampling_steps <= args.steps:
             return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}."
         if args.noise_scale <= 0.0 or args.noise_min < 0.0:
@@ -194,10 +209,17 @@ class DiffRec(RecModel):
         a = self.diffusion.alphas_cumprod[t][:, None]
         return (a.rsqrt() * x_t - (1.0 / a - 1.0).sqrt() * eps).float()
 
-    def batch_loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """Mean over the rows of w_t·loss_row/(p_t·T); the history receives w_t·loss_row (`:124-174`)."""
-        t, pt = self.history.sample(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
+    def batch_loss(self, x0: torch.Tensor, draws: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+                   ) -> torch.Tensor:
+        """Mean over the rows of w_t·loss_row/(p_t·T); the history receives w_t·loss_row (`:124-174`).
+
+        `draws`: (t, p_t·T, ε) to use instead of drawing them (tests feed the same draws to two devices).
+        """
+        if draws is None:
+            t, pt = self.history.sample(x0.shape[0], x0.device)
+            noise = torch.randn_like(x0)
+        else:
+            t, pt, noise = draws
         x_t = self.diffusion.q_sample(x0, t, noise)
         with self.autocast():
             output = self.denoiser(x_t, t).float()
@@ -216,8 +238,8 @@ class DiffRec(RecModel):
             self.denoiser.train()
             total = torch.zeros((), device=self.device)
             batches = user_batches(self.data.n_users, self.args.batch, shuffle=True)
-            for rows in self.progress(batches, self.name):
-                x0 = dense_rows(self.data.train, rows, self.device)
+            for idx in self.progress(device_batches(batches, self.device), self.name):
+                x0 = self.user_rows.dense(idx)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.batch_loss(x0)
                 loss.backward()
@@ -236,12 +258,11 @@ class DiffRec(RecModel):
         denoiser = self.denoiser if args.mean_type == "x0" else predict_start
 
         def score(users: torch.Tensor) -> torch.Tensor:
-            rows = users.cpu().numpy()
-            x0 = dense_rows(self.data.train, rows, self.device)
+            x0 = self.user_rows.dense(users)  # built on the device: the users never travel to the host
             with self.autocast():
-                if self.hidden_reverse:
-                    return self.diffusion.p_sample_hidden(self.denoiser, x0, args.sampling_steps,
-                                                          to_torch_csr(self.data.train[rows], self.device))
+                if self.hidden_reverse:  # the rows as CSR: their number of entries is read back (one scalar)
+                    sparse = self.user_rows.csr(users) if args.sampling_steps == 0 else None
+                    return self.diffusion.p_sample_hidden(self.denoiser, x0, args.sampling_steps, sparse)
                 return self.diffusion.p_sample(denoiser, x0, args.sampling_steps, args.sampling_noise)
 
         return score

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import Data, dense_rows, user_batches
+from DataHandler import Data, device_batches, user_batches
 from Model import DiffMM, GaussianDiffusion, Recommender, Views, contrastive_loss
 from Params import float_list
 from Utils.layers import Graph, bpr_loss, propagate
@@ -234,15 +234,18 @@ class GuidanceGCN(nn.Module):
 
 
 def guided_losses(diffusion: GaussianDiffusion, denoiser: nn.Module, x0: torch.Tensor, item_emb: torch.Tensor,
-                  modal_feat: torch.Tensor, guidance: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                  modal_feat: torch.Tensor, guidance: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                  t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: the ELBO term w_t · mean_i (x0 − x̂0)², the MSI term and w_t, with x̂0 = denoiser(S, t) (§3).
 
     DiffMM's `GaussianDiffusion.training_losses` with the denoiser fed S = guidance(x_t) instead of x_t (steps 1-4
     and 6; step 4's `mse`, missing at the authors' HEAD, restored). `item_emb`, `modal_feat` must be detached.
+    The steps `t` and the noise are drawn here unless given (tests feed the same draws to two devices).
     """
-    t = torch.randint(0, diffusion.steps, (x0.shape[0],), device=x0.device)
-    x_t = diffusion.q_sample(x0, t) if diffusion.noise_scale != 0 else x0
+    if t is None:
+        t = torch.randint(0, diffusion.steps, (x0.shape[0],), device=x0.device)
+    x_t = diffusion.q_sample(x0, t, noise) if diffusion.noise_scale != 0 else x0
     x0_hat = denoiser(x_t if guidance is None else guidance(x_t), t).float()
     weight = diffusion.elbo_weight(t).float()
     elbo = weight * (x0 - x0_hat).square().mean(dim=1)
@@ -355,9 +358,8 @@ class MDMNS(DiffMM):
         item_emb = self.recommender.item_emb.detach()
         totals = {key: torch.zeros((), device=self.device) for m in self.data.modalities for key in (m, f"{m}_extra")}
         batches = user_batches(self.data.n_users, self.args.batch, True)
-        for rows in self.progress(batches, "denoisers"):
-            x0 = dense_rows(self.data.train, rows, self.device)
-            users = torch.from_numpy(rows).to(self.device)
+        for users in self.progress(device_batches(batches, self.device), "denoisers"):
+            x0 = self.user_rows.dense(users)
             loss = 0.0
             for m, denoiser in self.denoisers.items():
                 self.denoiser_optimizers[m].zero_grad(set_to_none=True)
@@ -383,11 +385,11 @@ class MDMNS(DiffMM):
         guide = guide_features(self.recommender.modal_features())[modality]
         denoiser.eval()
         top = torch.empty(self.data.n_users, self.args.rebuild_k, dtype=torch.long, device=self.device)
-        for rows in self.progress(user_batches(self.data.n_users, self.args.batch, False), "rebuild"):
-            users = torch.from_numpy(rows).to(self.device)
+        batches = user_batches(self.data.n_users, self.args.batch, False)
+        for users in self.progress(device_batches(batches, self.device), "rebuild"):
             guided = GuidedDenoiser(denoiser, lambda x_t: self.guided_input(modality, x_t, guide, users))
             with self.autocast():
-                scores = self.diffusion.p_sample(guided, dense_rows(self.data.train, rows, self.device),
+                scores = self.diffusion.p_sample(guided, self.user_rows.dense(users),
                                                  self.args.sampling_steps, self.args.sampling_noise)
             top[users] = torch.topk(scores, self.args.rebuild_k, dim=1).indices
         denoiser.train()
@@ -410,8 +412,7 @@ class MDMNS(DiffMM):
         self.recommender.train()
         totals = torch.zeros(3, device=self.device)
         batches = user_batches(len(users), args.batch, True)
-        for rows in self.progress(batches, "recommender"):
-            idx = torch.from_numpy(rows).to(self.device)
+        for idx in self.progress(device_batches(batches, self.device), "recommender"):
             u, p, n = users[idx], positives[idx], negatives[idx]
             self.optimizer.zero_grad(set_to_none=True)
             with self.autocast():

@@ -57,11 +57,12 @@ import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import Data, train_pairs
+from DataHandler import Data, DeviceRows, train_pairs
 from Models.base import RecModel
 from Params import float_list, int_list
 from Utils.helpers import PhaseTimer
@@ -287,6 +288,8 @@ class MMSSL(RecModel):
         self.indptr = torch.from_numpy(train.indptr.astype(np.int64)).to(device)
         self.indices = torch.from_numpy(train.indices.astype(np.int64)).to(device)
         self.train_counts = self.indptr[1:] - self.indptr[:-1]
+        self.user_rows = DeviceRows(sp.csr_matrix((np.ones(train.nnz, dtype=np.float32), train.indices, train.indptr),
+                                                  shape=train.shape), device)   # R's rows, 1 at every train item
         # the authors' exist_users: only users with a train item are sampled (and get generated items)
         self.active_users = torch.nonzero(self.train_counts > 0).view(-1)
         # negatives: the j-th train item s_j (0-based, sorted) of user u has s_j - j non-train items below it;
@@ -417,14 +420,9 @@ class MMSSL(RecModel):
         return users, positives, self.sample_negatives(users)
 
     def train_rows(self, users: torch.Tensor) -> torch.Tensor:
-        """R_b: the users' train rows, dense B x I, built on the device from the CSR arrays."""
-        starts, counts = self.indptr[users], self.indptr[users + 1] - self.indptr[users]
-        row = torch.repeat_interleave(torch.arange(len(users), device=self.device), counts)
-        offset = torch.arange(len(row), device=self.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
-                                                                                      counts)
-        rows = torch.zeros(len(users), self.data.n_items, device=self.device)
-        rows[row, self.indices[torch.repeat_interleave(starts, counts) + offset]] = 1.0
-        return rows
+        """R_b: the users' train rows, dense B x I, built on the device with no size read back from it (the
+        users are drawn there, so their number of train items is not known on the host: DataHandler.DeviceRows)."""
+        return self.user_rows.dense(users)
 
     def forward_all(self) -> Dict[str, object]:
         with self.autocast():

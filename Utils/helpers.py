@@ -1,6 +1,7 @@
 """Run set-up: the device, seeding, the run folder and its log, package versions, phase timing."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import platform
@@ -9,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 import scipy
@@ -33,6 +34,77 @@ def resolve_device(name: str, gpu: str = "0") -> torch.device:
     return torch.device("cpu")
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a cgroup, `taskset` or a cluster job may give
+    it fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_threads(text: str) -> str:
+    """'auto' or a whole number, as text (checked against the machine by `resolve_threads` when the run starts)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip().isdigit():
+        return str(int(text))
+    raise argparse.ArgumentTypeError(f"expected auto or a whole number of threads, got {text!r}")
+
+
+def resolve_threads(spec: str, device: torch.device) -> int:
+    """The number of CPU threads of a run: --threads N, or for 'auto' the CPUs this process may use, never more
+    than torch's own default; applied with `torch.set_num_threads`.
+
+    torch's default counts the machine's cores and ignores the affinity mask, so a job given 2 of 64 cores
+    would start 64 threads that fight over 2. Several runs on one machine each take their share (`--threads
+    cores/runs`); the README's "Shared machines and several runs" says why this matters.
+    """
+    default = torch_default_threads()
+    allowed = available_cpus()
+    if spec == "auto":
+        threads = max(1, min(allowed, default))
+    else:
+        threads = int(spec)
+        if threads < 1:
+            raise UsageError(f"--threads must be at least 1 (or auto), got {threads}.")
+        if threads > allowed:
+            raise UsageError(f"--threads {threads} is more than the {allowed} CPUs this process may use; pass "
+                             f"--threads auto or at most {allowed}.")
+    torch.set_num_threads(threads)
+    return threads
+
+
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # read at import, before any run changes it
+
+
+def torch_default_threads() -> int:
+    """torch's own choice of intra-op threads in this process (OMP_NUM_THREADS if set, else the core count)."""
+    return _TORCH_DEFAULT_THREADS
+
+
+@contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """TF32 matrix products and convolutions for the block under --precision tf32 (CUDA only), restored after,
+    so that a run in a process that goes on (a test, a sweep) leaves torch's settings as it found them.
+
+    TF32 keeps fp32's range with a 10-bit mantissa in the products only (Ampere and later tensor cores);
+    fp32 and bf16 leave the settings alone (bf16 is autocast, `RecModel.autocast`).
+    """
+    if precision != "tf32":
+        yield
+        return
+    if device.type != "cuda":
+        raise UsageError("--precision tf32 is a CUDA setting (tensor-core products) and this run is on the CPU; use "
+                         "--precision fp32 (or bf16) here.")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def cpu_flags() -> str:
     """The CPU's feature flags (Linux), e.g. to say whether it has AMX or AVX512-BF16."""
     try:
@@ -42,11 +114,12 @@ def cpu_flags() -> str:
     return next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "")
 
 
-def bf16_speedup(size: int = 1024, repeats: int = 3) -> float:
+def bf16_speedup(size: int = 256, repeats: int = 3) -> float:
     """fp32 time / bf16 time of a size x 4size by 4size x size product on this CPU (> 1: bf16 pays).
 
     Measured rather than read off the flags: AVX512-BF16 without AMX is slower than fp32 on one Intel
-    Xeon and twice as fast on an AMD EPYC (Zen 4) of this project (README, Performance).
+    Xeon and twice as fast on an AMD EPYC (Zen 4) of this project, and a CPU with AVX2 only (Zen 3) runs bf16
+    about 100x slower, so the product is small: at 1024 it took 40 s there (README, Performance).
     """
     a, b = torch.randn(size, 4 * size), torch.randn(4 * size, size)
     seconds = []
@@ -137,6 +210,15 @@ def duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
+def exit_on_interrupt(entry: Callable[[], int]) -> int:
+    """Run a command-line entry point; Ctrl-C ends the process with 130 (128 + SIGINT) and no traceback. Inside
+    the package a Ctrl-C stays a KeyboardInterrupt, so a sweep or the test suite stops as a whole."""
+    try:
+        return entry()
+    except KeyboardInterrupt:
+        return 130
+
+
 def setup_logging(quiet: bool = False) -> None:
     """Console logging of the 'diffmm' logger for a command-line entry point (Main.py, the drivers)."""
     log.handlers[:] = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
@@ -174,16 +256,40 @@ def device_name(device: torch.device) -> str:
 
 
 class PhaseTimer:
-    """Wall-clock seconds per named phase; synchronises CUDA once at each phase end, never per element."""
+    """Seconds per named phase, summed over the phase's entries (MMSSL enters its phases once per batch).
+
+    On the CPU: wall-clock time. On CUDA, kernels are queued asynchronously, so the host clock would charge a
+    phase for the work queued before it and end before its own work did; a synchronisation at every phase
+    boundary would stall the GPU once per batch instead. So each phase records a CUDA event at its start and
+    at its end, in stream order, and `seconds` synchronises once, when it is read (once per epoch): an event
+    pair spans exactly the device timeline between the phase's start and the end of its work, host work
+    inside the phase included.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.seconds: Dict[str, float] = {}
+        self._seconds: Dict[str, float] = {}
+        self._events: Dict[str, list] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
+            yield
+            end.record(stream)
+            self._events.setdefault(name, []).append((begin, end))
+            return
         start = time.perf_counter()
         yield
-        if self.device.type == "cuda":
+        self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def seconds(self) -> Dict[str, float]:
+        if self._events:
             torch.cuda.synchronize(self.device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            for name, pairs in self._events.items():
+                self._seconds[name] = self._seconds.get(name, 0.0) + sum(b.elapsed_time(e) for b, e in pairs) / 1000
+            self._events = {}
+        return dict(self._seconds)

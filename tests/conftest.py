@@ -1,6 +1,8 @@
 """Shared fixtures: tiny datasets written to tmp_path in the released file layout, the shared data path."""
 from __future__ import annotations
 
+import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads; pythonpath = . in pytest.ini)
+
 import pickle
 import sys
 from pathlib import Path

@@ -297,3 +297,57 @@ def test_drop_edges_direct():
     kept = d != 0
     np.testing.assert_allclose(d[kept], 4.0 * f[kept], rtol=1e-6)
     assert abs(kept.sum() / g.nnz - 0.25) < 0.03
+
+
+# ------------------------------------------------------------------------------------------------
+# rows of a matrix gathered on the device (DataHandler.DeviceRows), batches moved in one copy
+# ------------------------------------------------------------------------------------------------
+
+def device_rows_cases():
+    """Matrices with empty rows, one long row, non-binary values, explicit duplicates, and one with no entry."""
+    rng = np.random.default_rng(11)
+    binary = sp.random(30, 17, density=0.2, format="lil", random_state=3, dtype=np.float32)
+    binary[binary.nonzero()] = 1.0
+    binary[4, :] = 1.0                                  # a row with every column: the padding width
+    binary[7, :] = 0.0                                  # an empty row
+    binary = binary.tocsr()
+    binary.eliminate_zeros()
+    weighted = sp.random(12, 9, density=0.3, format="csr", random_state=5, dtype=np.float32)
+    weighted.data = rng.normal(size=weighted.nnz).astype(np.float32)
+    doubled = sp.csr_matrix((np.array([1.0, 2.0, 0.5], np.float32), (np.array([0, 0, 2]), np.array([3, 3, 1]))),
+                            shape=(3, 5))               # (0, 3) stored twice: toarray() sums it
+    return [binary, weighted, doubled, sp.csr_matrix((4, 6), dtype=np.float32)]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_device_rows_are_the_scipy_rows_dense_and_csr(case):
+    from DataHandler import DeviceRows, dense_rows
+    from Utils.layers import to_torch_csr
+
+    matrix = device_rows_cases()[case]
+    gather = DeviceRows(matrix, CPU)
+    n = matrix.shape[0]
+    batches = [np.arange(n), np.array([n - 1, 0, 0, n // 2]), np.array([], dtype=np.int64),
+               np.random.default_rng(case).permutation(n)[: max(1, n // 3)]]
+    for rows in batches:
+        idx = torch.from_numpy(rows)
+        assert torch.equal(gather.dense(idx), dense_rows(matrix, rows, CPU)), rows
+        want = to_torch_csr(matrix[rows], CPU)
+        for got in (gather.csr(idx, rows), gather.csr(idx)):
+            assert got.layout == torch.sparse_csr and got.shape == want.shape
+            assert torch.equal(got.to_dense(), want.to_dense())
+            if case != 2:                               # the same entries in the same order as the scipy slice
+                assert torch.equal(got.crow_indices(), want.crow_indices())
+                assert torch.equal(got.col_indices(), want.col_indices())
+                assert torch.equal(got.values(), want.values())
+                assert got.col_indices().dtype == torch.int64 and got.values().dtype == torch.float32
+
+
+def test_device_batches_are_the_batches_in_one_copy():
+    from DataHandler import device_batches, user_batches
+
+    torch.manual_seed(0)
+    batches = user_batches(23, 5, True)
+    moved = device_batches(batches, CPU)
+    assert [t.tolist() for t in moved] == [b.tolist() for b in batches]
+    assert all(t.dtype == torch.int64 for t in moved) and device_batches([], CPU) == []

@@ -665,7 +665,8 @@ def test_interrupted_run_resumes_to_the_same_numbers(tiny_dir, tmp_path, monkeyp
         return original(model_, data, args, epoch)
 
     monkeypatch.setattr(Main, "train_one_epoch", interrupted)
-    assert Main.main(tiny_args(tiny_dir, tmp_path / "cut", *extra)) == 130
+    with pytest.raises(Main.RunInterrupted):  # a Ctrl-C stops the caller too
+        Main.main(tiny_args(tiny_dir, tmp_path / "cut", *extra))
     monkeypatch.setattr(Main, "train_one_epoch", original)
     assert Main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
     resumed = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()

@@ -144,7 +144,8 @@ def test_resume_with_a_new_number_of_epochs(tiny_dir, tmp_path, monkeypatch, bud
     monkeypatch.setitem(Models.REGISTRY, "interrupted", f"{__name__}:InterruptedModel")
     monkeypatch.setattr(InterruptedModel, "interrupt", True)
     out = tmp_path / "run"
-    assert Main.main(tiny_args(tiny_dir, out, "--model", "interrupted", "--epoch", "10")) == 130
+    with pytest.raises(Main.RunInterrupted):  # a Ctrl-C stops the caller too
+        Main.main(tiny_args(tiny_dir, out, "--model", "interrupted", "--epoch", "10"))
     assert Main.main(["--resume", str(out), "--epoch", str(budget), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "stopped" not in summary and summary["epochs_run"] == epochs_run

@@ -367,6 +367,7 @@ def synthetic_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,extra", [
     ("bm3", ("--epoch", "6", "--batch", "512", "--lr", "0.02", "--embedding_size", "32")),
     ("lgmrec", ("--epoch", "2", "--batch", "512", "--lr", "0.01", "--embedding_size", "32")),

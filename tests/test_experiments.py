@@ -262,6 +262,7 @@ def test_sweep_two_cells_then_nothing_new(data_dir, tmp_path):
     assert again["ran"] == [] and len(again["skipped"]) == 2
 
 
+@pytest.mark.slow
 def test_model_grid_preset_runs_mmrecs_grid_and_selects_on_validation(data_dir, tmp_path):
     sweep_dir = tmp_path / "mfgrid"
     base = ["--data", "tiny", "--data_dir", str(data_dir), "--epoch", "2", "--quiet"]
@@ -289,6 +290,7 @@ def test_sweep_rejects_bad_grids():
     assert sweep.parse_grid(["temp=0.1,0.5 ssl_reg=1"]) == {"temp": ["0.1", "0.5"], "ssl_reg": ["1"]}
 
 
+@pytest.mark.slow
 def test_every_figure_function_writes_a_png(tiny_runs, tmp_path):
     full, no_cl = tiny_runs
     assert is_png(figures.training_curves(full, tmp_path / "curves.png"))
@@ -322,6 +324,7 @@ def test_reproduce_states_missing_modalities(data_dir, tmp_path, capsys):
         ("diffmm-tiktok", 1e-4, 1, 1, 1)
 
 
+@pytest.mark.slow
 def test_table2_runs_every_model_and_skips_those_needing_features(data_dir, tmp_path, capsys):
     """Baby here has no feature file: the models without features run, DiffMM and VBPR are skipped with a note."""
     sweep_dir = tmp_path / "t2baby"

@@ -218,6 +218,7 @@ def test_prepare_reports_a_missing_column_in_one_sentence(tmp_path, capsys):
     assert "has no column 'user'" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_prepare_runs_as_a_command(tmp_path):
     path, _ = raw_table(tmp_path)
     result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "raw", "--interactions", str(path),

@@ -650,6 +650,7 @@ def test_trains_beats_popularity_and_the_checkpoint_reloads_identically(gen_dir,
     assert torch.equal(fresh.generator.get_state(), last["model"]["generator"])
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_numbers(tiny_dir, tmp_path, monkeypatch):
     """last.pt holds D, both optimisers, the batch generator and the store (and the harness the global RNG):
     a run stopped after epoch 1 and resumed logs exactly the uninterrupted run's losses and metrics."""

@@ -48,6 +48,7 @@ def wait_for_epochs(run_dir, n, process, timeout=120):
     raise AssertionError("the run did not reach the epoch in time")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_with_the_uninterrupted_numbers(gen_dir, tmp_path):
     epochs = ["--epoch", "8"]
     whole = tmp_path / "whole"
@@ -74,6 +75,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_numbers(gen_dir, tmp_pat
     assert again.returncode == 2 and "already finished" in again.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_resumable_folder(gen_dir, tmp_path):
     out = tmp_path / "interrupted"
     # a shell that ran this suite in the background left SIGINT ignored, and Python then never raises
@@ -174,6 +176,7 @@ def test_a_failed_write_keeps_the_old_file_whole(tmp_path, monkeypatch):
     assert path.read_text() == "old" and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_epoch_lines_show_the_time_left_and_no_bars_when_not_a_terminal(gen_dir, tmp_path):
     argv = [a for a in command(gen_dir, tmp_path / "pace", "--epoch", "3") if a != "--quiet"]
     result = subprocess.run(argv, env=ENV, capture_output=True, text=True)
@@ -221,6 +224,7 @@ def test_recommend_writes_each_users_top_k_unseen_items(tiny_dir, tmp_path):
     assert recommend.main([str(out), "--k", "4", "--out", str(csv_path)]) == 2      # never overwritten
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_its_unfinished_run(gen_dir, tmp_path):
     from Experiments import sweep
 

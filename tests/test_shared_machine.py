@@ -47,6 +47,7 @@ def test_threads_n_runs_with_n_threads_and_says_so(tiny_dir, tmp_path):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_the_affinity_mask_limits_auto(tiny_dir, tmp_path):
     """A process allowed one CPU (taskset, a cgroup, a cluster job) runs one thread, whatever the machine has."""
     script = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
@@ -95,6 +96,7 @@ def test_every_entry_point_sets_the_wait_policy_before_anything_imports_torch(pa
     assert isinstance(first, ast.Import) and first.names[0].name == "Utils.openmp", path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_the_wait_policy_is_passive_unless_the_user_set_one(given, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -109,6 +111,7 @@ def test_the_wait_policy_is_passive_unless_the_user_set_one(given, expected):
 # Ctrl-C stops the caller, not only the run
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_run_stops_the_whole_test_session(tmp_path, tiny_dir):
     """A test that runs Main.main and gets Ctrl-C must end pytest, not let it move on to the next long test."""
     marker = tmp_path / "second_test_ran"

@@ -143,6 +143,7 @@ def postgres_url():
 # ------------------------------------------------------------------------------------------------
 
 # the PostgreSQL variant starts a server and three processes: over 20 s on 2 cores, hence slow
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_two_workers_train_each_run_once_and_write_the_sequential_table(kind, gen_dir, tmp_path, reference, request):
     sweep_dir = tmp_path / "sweep"
@@ -162,6 +163,7 @@ def test_two_workers_train_each_run_once_and_write_the_sequential_table(kind, ge
 
 
 # the journal file has our heartbeat (optuna's has none); SQLite has optuna's own, as PostgreSQL: over 20 s, slow
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [pytest.param("sqlite", marks=pytest.mark.slow), "journal"])
 def test_a_worker_killed_mid_run_is_taken_over_and_its_run_resumed(kind, gen_dir, tmp_path, reference):
     """One cell x two seeds (the reference's first row): a worker frozen and killed after its first run's
@@ -318,6 +320,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(flags, says, gen_dir, tmp_
     assert not sweep_dir.exists() and not list(tmp_path.rglob("optuna.db"))
 
 
+@pytest.mark.slow
 def test_reproduce_takes_the_same_flags(gen_dir, tmp_path, capsys):
     out = tmp_path / "t2"
     assert reproduce.main(["--table", "2", "--data", "gen", "--data_dir", str(gen_dir), "--models", "mf,pop",
@@ -377,6 +380,7 @@ def read_table(sweep_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_tpe_search_runs_its_trials_over_a_range(gen_dir, tmp_path):
     sweep_dir = tmp_path / "tpe"
     command = ["--grid", "temp=0.05:1.0:log", "--search", "tpe", "--trials", "3", "--seeds", "1",
@@ -419,6 +423,7 @@ def median_pruned(trials, runs):
     return pruned
 
 
+@pytest.mark.slow
 def test_prune_stops_runs_below_the_median_and_never_selects_them(gen_dir, tmp_path):
     sweep_dir = tmp_path / "pruned"
     threads = torch.get_num_threads()

@@ -1,6 +1,6 @@
 """The harness: one run of any registered model, on any dataset, under both protocols.
 
-    python Main.py                                   # DiffMM on generated data, under 2 minutes on a laptop CPU
+    python Main.py                                   # DiffMM on generated data, about 2 minutes on 2 CPU cores
     python Main.py --data tiktok --reg 1e-4 --ssl_reg 1e-2 --epoch 50 --trans 1 --e_loss 0.1 --cl_method 1
     python Main.py --model lightgcn --data tiktok    # any model of Models.REGISTRY; --model NAME --help
 

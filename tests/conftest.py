@@ -11,10 +11,13 @@ from typing import Dict, Optional
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from Models.base import RecModel as _RecModel  # noqa: E402  (after the path is set)
 
 # the real released splits (and TikTok's image/audio features), when this checkout sits beside them
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -86,3 +89,24 @@ def tiny_args(data_dir: Path, out_dir: Path, *extra: str, data: str = "tiny") ->
     small = ["--dims", "[16]", "--latdim", "8"] if model == "diffmm" else []
     return ["--data", data, "--data_dir", str(data_dir), "--epoch", "1", *small, "--quiet", "--out_dir", str(out_dir),
             *extra]
+
+
+class NaNModel(_RecModel):
+    """Trains nothing; its loss turns NaN in epoch 2 (a run that stops with a reason; registered by the tests that
+    need it as "conftest:NaNModel")."""
+
+    name = "nan"
+    phases = ("recommender",)
+
+    def __init__(self, args, data, device):
+        super().__init__(args, data, device)
+        self.user_emb = torch.nn.Parameter(torch.randn(data.n_users, 4))
+        self.item_emb = torch.nn.Parameter(torch.randn(data.n_items, 4))
+
+    def train_epoch(self, epoch, timer):
+        with timer.phase("recommender"):
+            value = float("nan") if epoch == 2 else 1.0 / (epoch + 1)
+        return {"loss": {"bpr": value, "loss": value}}
+
+    def embeddings(self):
+        return self.user_emb, self.item_emb

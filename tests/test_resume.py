@@ -18,10 +18,9 @@ import Main
 import Models
 import evaluate
 import recommend
-from Models.base import RecModel
 from Utils.helpers import UsageError, atomic_write_text
 
-from conftest import ROOT, tiny_args
+from conftest import ROOT, NaNModel, tiny_args
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")   # one thread: bit-for-bit repeatable runs
 
@@ -93,28 +92,8 @@ def test_ctrl_c_leaves_a_resumable_folder(gen_dir, tmp_path):
     assert (out / "last.pt").is_file()
 
 
-class NaNModel(RecModel):
-    """Trains nothing; its loss turns NaN in epoch 2."""
-
-    name = "nan"
-    phases = ("recommender",)
-
-    def __init__(self, args, data, device):
-        super().__init__(args, data, device)
-        self.user_emb = torch.nn.Parameter(torch.randn(data.n_users, 4))
-        self.item_emb = torch.nn.Parameter(torch.randn(data.n_items, 4))
-
-    def train_epoch(self, epoch, timer):
-        with timer.phase("recommender"):
-            value = float("nan") if epoch == 2 else 1.0 / (epoch + 1)
-        return {"loss": {"bpr": value, "loss": value}}
-
-    def embeddings(self):
-        return self.user_emb, self.item_emb
-
-
 def test_a_non_finite_loss_stops_the_run_with_one_sentence(tiny_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(Models.REGISTRY, "nan", f"{__name__}:NaNModel")
+    monkeypatch.setitem(Models.REGISTRY, "nan", "conftest:NaNModel")
     out = tmp_path / "nan"
     code = Main.main(tiny_args(tiny_dir, out, "--model", "nan", "--epoch", "5"))
     line = capsys.readouterr().out.strip().splitlines()[-1]

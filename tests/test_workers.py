@@ -25,7 +25,6 @@ import torch
 import Main
 import Models
 from Experiments import reproduce, sweep, workers
-from Models.base import RecModel
 from Params import parse_args
 
 from conftest import ROOT, tiny_args
@@ -258,29 +257,9 @@ def test_storage_urls_ranges_and_each_workers_flags(tmp_path):
     assert name != workers.study_name(tmp_path / "s", workers.plan_identity(plan_other))
 
 
-class NaNModel(RecModel):
-    """Trains nothing; its loss turns NaN in epoch 2 (a run that stops with a reason, whatever the worker)."""
-
-    name = "nan"
-    phases = ("recommender",)
-
-    def __init__(self, args, data, device):
-        super().__init__(args, data, device)
-        self.user_emb = torch.nn.Parameter(torch.randn(data.n_users, 4))
-        self.item_emb = torch.nn.Parameter(torch.randn(data.n_items, 4))
-
-    def train_epoch(self, epoch, timer):
-        with timer.phase("recommender"):
-            value = float("nan") if epoch == 2 else 1.0 / (epoch + 1)
-        return {"loss": {"bpr": value, "loss": value}}
-
-    def embeddings(self):
-        return self.user_emb, self.item_emb
-
-
 def test_runs_that_stop_with_a_reason_are_named_and_retried_once_per_command(tiny_dir, tmp_path, monkeypatch,
                                                                               capsys):
-    monkeypatch.setitem(Models.REGISTRY, "nan", f"{__name__}:NaNModel")
+    monkeypatch.setitem(Models.REGISTRY, "nan", "conftest:NaNModel")
     sweep_dir = tmp_path / "nan"
     command = ["--grid", "lr=0.1,0.2", "--sweep_dir", str(sweep_dir), "--storage", f"journal:{tmp_path / 'nan.log'}",
                "--model", "nan", "--data", "tiny", "--data_dir", str(tiny_dir), "--epoch", "4", "--quiet"]

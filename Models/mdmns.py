@@ -1,8 +1,8 @@
 """MDMNS: Modal-aware Diffusion-enhanced recommendation with Multi-level Negative Sampling (Knowledge-Based
 Systems; authors' code HuXianshengNXU/MDMNS-main at 8851194), built on DiffMM (`Model.DiffMM`).
 
-The paper could not be obtained, so the method is what the authors' code computes (/work/shared/SPEC-MDMNS.md,
-cited below as §n; the code's own lines are cited there). Everything the spec lists as unchanged is DiffMM's code,
+The paper could not be obtained, so the method is what the authors' code at that commit computes; its parts are
+numbered §n below. Everything that code leaves as DiffMM had it is DiffMM's code here,
 reused: data, graphs, feature transforms, the denoiser and its schedule, sampling, the graph rebuild and edge drop,
 the epoch order, DiffMM's cl_method 0 loss, checkpointing and every DiffMM flag with its default. What changes:
 - §1 recommender (`MDMNSRecommender`): the fused embedding H0 = Σ_m softmax(κ)_m z_m is re-propagated on the train
@@ -276,7 +276,7 @@ class GuidedDenoiser:
 # ---------------------------------------------------------------------------------------------
 
 class MDMNS(DiffMM):
-    """DiffMM + the changes of SPEC-MDMNS (module docstring); every DiffMM flag keeps its default."""
+    """DiffMM + MDMNS's changes (module docstring, §1-§n); every DiffMM flag keeps its default."""
 
     name = "mdmns"
     paper = ("MDMNS: modal-aware diffusion-enhanced recommendation with multi-level negative sampling "

@@ -1,5 +1,5 @@
 """MMSSL: multi-modal self-supervised learning for recommendation (Wei et al., WWW 2023), as the authors' code
-computes it (github HKUDS/MMSSL, folder MMSSL/; the contract is shared/SPEC-MMSSL.md, cited as §n).
+computes it (github HKUDS/MMSSL, folder MMSSL/; its parts are numbered §n in this docstring).
 
 Recommender (§3): per modality m, item features f_m = Dropout(Linear_m(F_m)) are propagated once on the
 train graph (x_u^m = N_u f_m, x_i^m = N_i x_u^m), and the ID tables once on the modality's *generated*

@@ -1,7 +1,8 @@
-"""Files to arrays: the split matrices, the modality features, the normalised graphs, batches and negatives.
+"""Files to arrays: the split matrices, the modality features, user rows, batches and negatives.
 
-Nothing here ever builds a dense users x items matrix: the train matrix stays CSR and user rows are
-densified one batch at a time (`dense_rows` on the host, `DeviceRows` on the device).
+The graphs built from these arrays are in `Utils/graphs.py`. Nothing here ever builds a dense users x items
+matrix: the train matrix stays CSR and user rows are densified one batch at a time (`dense_rows` on the host,
+`DeviceRows` on the device).
 """
 from __future__ import annotations
 
@@ -148,43 +149,8 @@ def load_data(name: str, data_dir: Path, modalities: Optional[Sequence[str]] = N
 
 
 # ---------------------------------------------------------------------------------------------
-# Graphs
+# User rows on the device
 # ---------------------------------------------------------------------------------------------
-
-def normalized_graph(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
-    """Â = D^-1/2 (A + I) D^-1/2 with A = [[0, R], [Rᵀ, 0]] and R the binary U x I matrix of the edges.
-
-    Duplicate edges count once. Returned as a symmetric (U+I) x (U+I) float32 CSR matrix.
-    """
-    n = n_users + n_items
-    r = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, items)), shape=(n_users, n_items))
-    r.sum_duplicates()
-    r.data[:] = 1.0
-    a = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32) + sp.identity(n, np.float32, "csr")
-    degree = np.asarray(a.sum(axis=1)).ravel()
-    with np.errstate(divide="ignore"):
-        d_inv_sqrt = np.where(degree > 0, degree ** -0.5, 0.0).astype(np.float32)
-    d = sp.diags(d_inv_sqrt)
-    return (d @ a @ d).tocsr().astype(np.float32)
-
-
-def train_graph(train: sp.csr_matrix) -> sp.csr_matrix:
-    """DiffMM's `adj`: the normalised graph (with self-loops) of the train matrix."""
-    coo = train.tocoo()
-    return normalized_graph(coo.row, coo.col, *train.shape)
-
-
-def symmetric_graph(train: sp.csr_matrix) -> sp.csr_matrix:
-    """MMRec's Â = D^-1/2 A D^-1/2 with A = [[0, R], [Rᵀ, 0]], **no self-loops**, D = row sums + 1e-7.
-
-    The graph of LightGCN, BM3, FREEDOM and LGMRec in MMRec (e.g. models/lightgcn.py); not DiffMM's `adj`.
-    """
-    r = (train != 0).astype(np.float32)
-    a = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32)
-    d_inv_sqrt = ((np.asarray(a.sum(axis=1)).ravel() + 1e-7) ** -0.5).astype(np.float32)
-    d = sp.diags(d_inv_sqrt)
-    return (d @ a @ d).tocsr().astype(np.float32)
-
 
 def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """Rows of a CSR matrix as a dense float32 tensor, sliced on the host (`DeviceRows`: gathered on the device)."""

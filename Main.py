@@ -5,8 +5,8 @@
     python Main.py --model lightgcn --data tiktok    # any model of Models.REGISTRY; --model NAME --help
 
 `run(args) -> summary` is the one entry point: data, device, seeding, the epoch loop, evaluation on
-validation and test after each epoch, early stopping, the run folder (log.txt, metrics.jsonl,
-best_model.pt, summary.json, curves.png) and timing. It drives a model only through the contract of
+validation and test after each epoch, early stopping (`EarlyStopping`), the run folder (its files are
+named, written and read by `Utils/run_folder.py`) and timing. It drives a model only through the contract of
 `Models/base.py` and knows nothing of any model's internals.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ from DataHandler import Data, DataError, load_data
 from Models import get_model
 from Models.base import RecModel
 from Params import parse_args
-from Utils.helpers import (PhaseTimer, UsageError, atomic_torch_save, atomic_write_text, bf16_speedup, cpu_flags,
-                           device_name, duration, exit_on_interrupt, make_run_dir, matmul_precision, package_versions,
-                           resolve_device, resolve_threads, rng_state, run_log, seed_everything, set_rng_state,
-                           setup_logging)
+from Utils import run_folder
+from Utils.helpers import (PhaseTimer, UsageError, bf16_speedup, cpu_flags, deferred_interrupt,
+                           device_name, duration, exit_on_interrupt, matmul_precision, package_versions, resolve_device,
+                           resolve_threads, rng_state, run_log, seed_everything, set_rng_state, setup_logging)
 from Utils.metrics import dot_scorer, evaluate, group_metrics, per_user_metrics, popularity_scores
 from Utils.synthetic import write_synthetic
 
@@ -52,17 +52,21 @@ def evaluate_model(model: RecModel, data: Data, args: argparse.Namespace) -> Dic
     """All-rank metrics on validation and test from one scorer (the model's evaluation forward).
 
     Per-user metrics are computed once per split and averaged overall ('val', 'test') and, for test,
-    per user group by number of train interactions ('groups', paper Figure 2, edges --groups).
+    per user group by number of train interactions ('groups', paper Figure 2, edges --groups); the test
+    values per user are kept as 'test_per_user' (the evaluated users and one array per metric), which the
+    epoch loop saves for the protocols' epochs (`run_folder.write_per_user`) and never writes to metrics.jsonl.
     """
     model.eval()
     score = model.scorer()
     out: Dict[str, dict] = {}
     for split, heldout in (("val", data.val), ("test", data.test)):
-        users, values = per_user_metrics(score, data.train, heldout, args.topks, args.tstBat, model.device)
+        users, values = per_user_metrics(score, data.train, heldout, args.topks, args.tstBat, model.device,
+                                         getattr(args, "eval_users", "all"))   # runs older than --eval_users: all
         out[split] = {name: float(v.mean()) for name, v in values.items()}
         if split == "test":
             counts = np.diff(data.train.indptr)
             out["groups"] = group_metrics(counts[users], values, args.groups)
+            out["test_per_user"] = {"users": users, **values}
     return out
 
 
@@ -72,16 +76,14 @@ def build_model(args: argparse.Namespace, data: Data, device: torch.device) -> R
     return get_model(args.model)(args, data, device)
 
 
-def load_trained(run_dir: Path, data_dir: Optional[str] = None, device: str = "auto") -> tuple:
+def load_trained(run_dir: Path, data_dir: Optional[str] = None, device: str = "auto",
+                 state: Optional[dict] = None) -> tuple:
     """(args, data, model) of a finished run: best_model.pt's configuration and state, ready to score.
 
     `data_dir` points to the dataset's folder when it has moved since the run; the model is in eval mode.
+    `state`: best_model.pt when the caller has read it already (`api.load`).
     """
-    path = Path(run_dir) / "best_model.pt"
-    if not path.is_file():
-        raise UsageError(f"{path} does not exist: {run_dir} is not a finished run folder of this package, or it "
-                         f"ran with --save_model false.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state if state is not None else run_folder.load_best(run_dir)
     args = argparse.Namespace(**state["config"])
     if data_dir is not None:
         args.data_dir = data_dir
@@ -117,6 +119,44 @@ class RunInterrupted(KeyboardInterrupt):
     exit_code = 130
 
 
+class EarlyStopping:
+    """The best epoch of each protocol and the patience count: what decides which model is kept and when a run
+    stops early. Its `state()` is the `best` and `stale` of last.pt's harness state, so a resumed run goes on.
+
+    paper = the epoch with the best test Recall@K (the authors' protocol); validation = the epoch with the best
+    validation Recall@K (its model is best_model.pt); `stale` counts the evaluations since the validation one
+    last improved, and with `patience` > 0 the run stops once `stale` reaches it.
+    """
+
+    def __init__(self, k: int, patience: int, state: Optional[dict] = None):
+        self.k, self.patience = k, patience
+        state = state or {"best": {"paper": None, "validation": None}, "stale": 0}
+        self.best: Dict[str, Optional[dict]] = state["best"]
+        self.stale: int = state["stale"]
+
+    def update(self, record: dict) -> List[str]:
+        """Take an epoch's record; return the protocols whose best epoch it now is ('paper', 'validation')."""
+        if "test" not in record:  # not evaluated this epoch (--tstEpoch)
+            return []
+        key, improved = f"Recall@{self.k}", []
+        if self.best["paper"] is None or record["test"][key] > self.best["paper"]["test"][key]:
+            self.best["paper"] = record
+            improved.append("paper")
+        if self.best["validation"] is None or record["val"][key] > self.best["validation"]["val"][key]:
+            self.best["validation"], self.stale = record, 0
+            improved.append("validation")
+        else:
+            self.stale += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience and self.stale >= self.patience)
+
+    def state(self) -> dict:
+        return {"best": self.best, "stale": self.stale}
+
+
 class RunPruned(Exception):
     """Raised by an `on_epoch` callback (a sweep's pruner) to end a run early on purpose: the run ends cleanly, its
     summary.json gets `pruned` with the epoch and this text as the reason, and it counts as finished (not resumed)."""
@@ -140,8 +180,10 @@ def run(args: argparse.Namespace, on_epoch: Optional[Callable[[dict], None]] = N
     problem = model_class.check(args, data)
     if problem:
         raise UsageError(problem)
+    if getattr(args, "tensorboard", False):
+        run_folder.require_tensorboard()
     with matmul_precision(args.precision, device):  # checked (tf32 on a CPU) before the run folder is made
-        run_dir = make_run_dir(args.out_dir, f"{args.data}-{args.model}")
+        run_dir = run_folder.make_run_dir(args.out_dir, args.data, args.model)
         with run_log(run_dir):
             return train_and_report(args, data, device, run_dir, on_epoch=on_epoch)
 
@@ -154,11 +196,7 @@ def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, thre
     epochs already run, it ends now and writes its summary). `threads`: the CPU threads of this machine's share
     (a run resumed elsewhere need not use the threads it started with; it changes no number but speed).
     """
-    last = run_dir / "last.pt"
-    if not last.is_file():
-        raise UsageError(f"{run_dir} has no last.pt, so there is no run to resume there (is it a run folder of "
-                         f"this package?).")
-    state = torch.load(last, map_location="cpu", weights_only=True)  # a run saved on a GPU resumes anywhere
+    state = run_folder.load_last(run_dir)
     args = argparse.Namespace(**state["config"])
     args.quiet, args.resume = quiet or args.quiet, None
     if epoch is not None and epoch != args.epoch:
@@ -166,11 +204,14 @@ def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, thre
         args.epoch = epoch
     if state["harness"]["finished"]:
         raise UsageError(f"the run in {run_dir} has already finished ({len(state['harness']['history'])} epochs); "
-                         f"its results are in {run_dir / 'summary.json'}.")
+                         f"its results are in {run_dir / run_folder.SUMMARY}.")
+    if getattr(args, "tensorboard", False):
+        run_folder.require_tensorboard()
     device = resolve_device(args.device, args.gpu)
     args.threads = threads if threads is not None else getattr(args, "threads", "auto")  # runs older than --threads
     resolve_threads(args.threads, device)
     data = load_run_data(args, get_model(args.model).needs_features)
+    run_folder.write_config(run_dir, vars(args))  # the run's configuration as it goes on (a new --epoch, --threads)
     with matmul_precision(args.precision, device), run_log(run_dir):
         log.info(f"resuming {run_dir} after epoch {state['harness']['history'][-1]['epoch']}")
         return train_and_report(args, data, device, run_dir, state, on_epoch)
@@ -178,8 +219,26 @@ def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, thre
 
 def train_and_report(args: argparse.Namespace, data: Data, device: torch.device, run_dir: Path,
                      resume_state: Optional[dict] = None, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Build the model, train the epochs left (`epoch_loop`), then write the summary (`finish`)."""
     if resume_state is None:
         log.info("configuration: " + json.dumps(vars(args), sort_keys=True))
+        run_folder.write_config(run_dir, vars(args))
+    try:
+        model, popularity, history, tracker = start_training(args, data, device, resume_state)
+        writer = run_folder.EpochWriter(run_dir, getattr(args, "tensorboard", False), history)
+    except KeyboardInterrupt:  # before this process's first epoch: nothing new to write
+        raise RunInterrupted(f"interrupted (Ctrl-C) before training. {next_step(run_dir)}") from None
+    try:
+        stopped, pruned = epoch_loop(model, data, args, run_dir, history, tracker, writer, on_epoch)
+    finally:
+        writer.close()
+    return finish(model, data, args, device, run_dir, history, tracker, popularity, stopped, pruned)
+
+
+def start_training(args: argparse.Namespace, data: Data, device: torch.device, resume_state: Optional[dict]
+                   ) -> tuple:
+    """(model, popularity metrics, history, tracker): the model built (and restored from last.pt when resuming)
+    and what the epoch loop carries from one epoch to the next."""
     modalities = ", ".join(f"{m} ({f.shape[1]}-d)" for m, f in data.features.items()) or "none used"
     log.info(f"{data.name}: {data.n_users} users, {data.n_items} items, {data.train.nnz} train / "
              f"{data.val.nnz} val / {data.test.nnz} test interactions; modalities {modalities}; "
@@ -194,87 +253,111 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
                         f"fp32 (measured now), so --precision bf16 slows this run down; use fp32")
 
     model = build_model(args, data, device)
-    k = args.topk
     popularity = {split: evaluate(dot_scorer(*popularity_scores(data.train, device)), data.train, heldout,
-                                  args.topks, args.tstBat, device)
+                                  args.topks, args.tstBat, device, getattr(args, "eval_users", "all"))
                   for split, heldout in (("val", data.val), ("test", data.test))}
-    log.info(f"popularity baseline, test: {fmt(popularity['test'], k)}")
+    log.info(f"popularity baseline, test: {fmt(popularity['test'], args.topk)}")
+    if resume_state is None:
+        return model, popularity, [], EarlyStopping(args.topk, args.patience)
+    model.load_training_state(resume_state["model"])
+    set_rng_state(resume_state["rng"])
+    harness = resume_state["harness"]
+    return model, popularity, harness["history"], EarlyStopping(args.topk, args.patience, harness)
 
-    # everything the epoch loop carries from one epoch to the next; saved in last.pt after every epoch
-    state = {"history": [], "best": {"paper": None, "validation": None}, "stale": 0, "finished": False}
-    if resume_state is not None:
-        model.load_training_state(resume_state["model"])
-        state = resume_state["harness"]
-        set_rng_state(resume_state["rng"])
-    history, best = state["history"], state["best"]
+
+def next_step(run_dir: Path) -> str:
+    """How to go on after a stop: resume from last.pt, or, with no epoch completed, run the configuration again."""
+    if run_folder.has_last(run_dir):
+        return f"Resume with: {run_folder.resume_command(run_dir)}"
+    return f"No epoch completed, so there is nothing to resume; run it again with: {run_folder.rerun_command(run_dir)}"
+
+
+def epoch_loop(model: RecModel, data: Data, args: argparse.Namespace, run_dir: Path, history: List[dict],
+               tracker: EarlyStopping, writer: run_folder.EpochWriter,
+               on_epoch: Optional[Callable[[dict], None]] = None) -> tuple:
+    """Train from the epoch after `history`'s last to --epoch, writing each epoch's files; (stopped, pruned): why
+    the loop ended before its last epoch (a dict with 'reason', 'epoch', 'exit_code'), or None each."""
+    k = args.topk
     start = history[-1]["epoch"] + 1 if history else 0
-    stopped, pruned = None, None
-    if start >= args.epoch:  # resumed with a budget already spent
-        state["finished"] = True
     for epoch in range(start, args.epoch):
+        written = False
         try:
             record = train_one_epoch(model, data, args, epoch)
+            per_user = record.pop("test_per_user", None)  # arrays: saved below for a protocol's epoch, not logged
+            bad = non_finite_loss(record, model)
+            if bad:
+                return {"reason": f"epoch {epoch}, phase {bad}: the loss is not finite", "epoch": epoch,
+                        "exit_code": 3}, None
+            with deferred_interrupt():  # a Ctrl-C waits for the epoch's files, so they all hold the same epoch
+                history.append(record)
+                line = (f"epoch {epoch}/{args.epoch}: {loss_text(record.get('loss', {}))}, "
+                        f"{record['seconds']['epoch']:.1f}s")
+                if "test" in record:
+                    line += f" | val {fmt(record['val'], k)} | test {fmt(record['test'], k)}"
+                improved = tracker.update(record)
+                for protocol in improved:
+                    run_folder.write_per_user(run_dir, protocol, per_user, epoch)
+                if "validation" in improved and args.save_model:
+                    save_checkpoint(model, args, run_dir, epoch)
+                finished = tracker.should_stop or epoch == args.epoch - 1
+                remaining = 0 if finished else args.epoch - 1 - epoch
+                left = duration(np.mean([h['seconds']['epoch'] for h in history]) * remaining)
+                log.info(line + f" | {'at most ' if args.patience and remaining else ''}{left} left")
+                # each file written atomically (a kill leaves the previous epoch's files whole), last.pt first
+                writer.write(history, {"config": vars(args), "model": model.training_state(),
+                                       "harness": {"history": history, **tracker.state(), "finished": finished},
+                                       "rng": rng_state()})
+                written = True
+            if on_epoch is not None:  # after the epoch's files, so a callback sees (and may stop at) a resumable state
+                try:
+                    on_epoch(record)
+                except RunPruned as e:
+                    log.info(f"pruned after epoch {epoch}: {e}")
+                    return None, {"epoch": epoch, "reason": str(e)}
         except KeyboardInterrupt:
-            stopped = {"reason": f"interrupted (Ctrl-C) during epoch {epoch}", "epoch": epoch,
-                       "exit_code": RunInterrupted.exit_code}
-            break
-        bad = non_finite_loss(record, model)
-        if bad:
-            stopped = {"reason": f"epoch {epoch}, phase {bad}: the loss is not finite", "epoch": epoch, "exit_code": 3}
-            break
-        history.append(record)
-        line = f"epoch {epoch}/{args.epoch}: {loss_text(record.get('loss', {}))}, {record['seconds']['epoch']:.1f}s"
-        if "test" in record:
-            line += f" | val {fmt(record['val'], k)} | test {fmt(record['test'], k)}"
-            if best["paper"] is None or record["test"][f"Recall@{k}"] > best["paper"]["test"][f"Recall@{k}"]:
-                best["paper"] = record
-            if best["validation"] is None or record["val"][f"Recall@{k}"] > best["validation"]["val"][f"Recall@{k}"]:
-                best["validation"], state["stale"] = record, 0
-                if args.save_model:
-                    save_checkpoint(model, args, run_dir / "best_model.pt", epoch)
-            else:
-                state["stale"] += 1
-        early_stop = bool(args.patience and state["stale"] >= args.patience)
-        state["finished"] = early_stop or epoch == args.epoch - 1
-        remaining = 0 if state["finished"] else args.epoch - 1 - epoch
-        left = duration(np.mean([h['seconds']['epoch'] for h in history]) * remaining)
-        log.info(line + f" | {'at most ' if args.patience and remaining else ''}{left} left")
-        # the epoch's outputs, each written atomically (a kill leaves the previous epoch's files whole), the
-        # checkpoint first, so that metrics.jsonl never runs ahead of what --resume continues from
-        atomic_torch_save({"config": vars(args), "model": model.training_state(), "harness": state,
-                           "rng": rng_state()}, run_dir / "last.pt")
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        if on_epoch is not None:  # after the epoch's files, so a callback sees (and may stop at) a resumable state
-            try:
-                on_epoch(record)
-            except RunPruned as e:
-                pruned = {"epoch": epoch, "reason": str(e)}
-                log.info(f"pruned after epoch {epoch}: {e}")
-                break
-        if early_stop:
+            # after a written last epoch the run has finished: it gets its summary, and the Ctrl-C still stops
+            # the caller (`finish`)
+            return {"reason": f"interrupted (Ctrl-C) {'after' if written else 'during'} epoch {epoch}", "epoch": epoch,
+                    "exit_code": RunInterrupted.exit_code, "finished": written and finished}, None
+        if tracker.should_stop:
             log.info(f"early stop: validation Recall@{k} did not improve for {args.patience} evaluations")
             break
+    return None, None
 
+
+def finish(model: RecModel, data: Data, args: argparse.Namespace, device: torch.device, run_dir: Path,
+           history: List[dict], tracker: EarlyStopping, popularity: dict, stopped: Optional[dict],
+           pruned: Optional[dict]) -> dict:
+    """The end of a run, also of a stopped one: artifacts, summary.json, curves.png; then the stop is raised
+    (TrainingStopped, RunInterrupted) or the results reported."""
     model.save_artifacts(run_dir)
-    summary = make_summary(args, data, device, history, best, popularity)
-    if stopped is not None:
-        summary["stopped"] = {"reason": stopped["reason"], "epoch": stopped["epoch"],
-                              "resume": f"python Main.py --resume {run_dir}"}
+    summary = make_summary(args, data, device, history, tracker.best, popularity)
+    halted = stopped is not None and not stopped.get("finished")
+    if halted:
+        summary["stopped"] = {"reason": stopped["reason"], "epoch": stopped["epoch"]}
+        if run_folder.has_last(run_dir):
+            summary["stopped"]["resume"] = run_folder.resume_command(run_dir)
+        else:
+            summary["stopped"]["rerun"] = run_folder.rerun_command(run_dir)
     if pruned is not None:
         summary["pruned"] = pruned
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    if stopped is not None:
-        last = f"epoch {history[-1]['epoch']}" if history else "none: no epoch completed"
+    run_folder.write_summary(run_dir, summary)
+    if history or not halted:
+        write_curves(run_dir)  # a stopped run's curves too: the epochs it ran
+    if halted:
+        last = f"epoch {history[-1]['epoch']}" if run_folder.has_last(run_dir) else "none: no epoch completed"
         message = (f"{stopped['reason']}; stopped. The last good checkpoint ({last}) is kept in "
-                   f"{run_dir / 'last.pt'} and summary.json says why.")
+                   f"{run_dir / run_folder.LAST} and summary.json says why.")
         if stopped["exit_code"] == RunInterrupted.exit_code:
-            raise RunInterrupted(message + f" Resume with: python Main.py --resume {run_dir}")
+            raise RunInterrupted(f"{message} {next_step(run_dir)}")
         raise TrainingStopped(message, stopped["exit_code"])
     if not getattr(args, "keep_last", True):  # finished (its epochs, early-stopped or pruned): best_model.pt stays
-        (run_dir / "last.pt").unlink(missing_ok=True)
+        run_folder.drop_last(run_dir)
     if summary["protocols"]["validation"] is not None:  # a run pruned before its first evaluation has none
         report(summary, run_dir)
-    write_curves(run_dir)
+    if stopped is not None:  # Ctrl-C as the last epoch's files were written: finished, and the caller stops too
+        raise RunInterrupted(f"{stopped['reason']}, its last: the run has finished and {run_dir / run_folder.SUMMARY} "
+                             f"holds its results.")
     return summary
 
 
@@ -309,8 +392,10 @@ def write_curves(run_dir: Path) -> None:
         log.warning(f"could not draw the training curves ({type(e).__name__}: {e})")
 
 
-def save_checkpoint(model: RecModel, args: argparse.Namespace, path: Path, epoch: int) -> None:
-    atomic_torch_save({"epoch": epoch, "model": args.model, "config": vars(args), **model.checkpoint_state()}, path)
+def save_checkpoint(model: RecModel, args: argparse.Namespace, run_dir: Path, epoch: int) -> None:
+    """best_model.pt: the epoch, the model's name, the configuration and the model's checkpoint_state()."""
+    run_folder.save_best(run_dir, {"epoch": epoch, "model": args.model, "config": vars(args),
+                                   **model.checkpoint_state()})
 
 
 def make_summary(args: argparse.Namespace, data: Data, device: torch.device, history: List[dict], best: dict,

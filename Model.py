@@ -1,5 +1,6 @@
-"""DiffMM (Jiang et al., ACM MM 2024): the multi-modal recommender, the denoiser, the Gaussian diffusion,
-and `DiffMM`, the model the harness trains (one epoch: denoisers, graph rebuild, negatives, recommender).
+"""DiffMM (Jiang et al., ACM MM 2024): the multi-modal recommender, the graph generators (the denoiser with the
+Gaussian diffusion; the VGAE of an ablation), and `DiffMM`, the model the harness trains (one epoch: graph
+generators, graph rebuild, negatives, recommender), with its flags and their checks.
 
 Equation numbers are the paper's. Where the default follows the authors' code rather than an equation,
 the README's table "Where the default follows the authors' code" says how and why.
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import (Data, DeviceRows, device_batches, normalized_graph, sample_negatives, train_graph, train_pairs,
-                         user_batches)
+from DataHandler import Data, DeviceRows, device_batches, sample_negatives, train_pairs, user_batches
 from Models.base import RecModel
+from Utils.flags import int_list, str2bool, unit_float
+from Utils.graphs import drop_edges, normalized_graph
 from Utils.helpers import PhaseTimer
 from Utils.layers import Graph, bpr_loss, info_nce, propagate
 
@@ -144,10 +147,47 @@ def contrastive_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, views: View
 
 
 # ---------------------------------------------------------------------------------------------
+# Graph generators: what DiffMM trains and asks for every user's generated items, one per modality
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class GeneratorInputs:
+    """What a modality's graph generator reads besides its batch of users, fixed for one pass over them: the train
+    graph and rows, the recommender's ID tables and transformed features f_m (detached: the generators do not train
+    the recommender) and the model's autocast (--precision)."""
+
+    adj: Graph
+    user_rows: DeviceRows
+    user_emb: torch.Tensor
+    item_emb: torch.Tensor
+    modal_feats: Dict[str, torch.Tensor]
+    autocast: Callable[[], ContextManager]
+
+
+# a batch of users (indices on the device, the same on the host) -> their scores over all items (batch x I)
+Scores = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+
+
+class GraphGenerator(nn.Module):
+    """A modality's graph generator (paper §2.2-2.3): a loss on a batch of user rows x0 of the train matrix, and a
+    scorer whose top rebuild_k items per user become that modality's generated graph. DiffMM's is the diffusion
+    model's denoiser (`DiffusionGenerator`); the w/o-DM ablation's a VGAE (`VGAE`)."""
+
+    def generator_loss(self, inputs: GeneratorInputs, modality: str, x0: torch.Tensor, rows: torch.Tensor
+                       ) -> torch.Tensor:
+        """The loss trained on the batch of user rows `x0` (users `rows`), a scalar."""
+        raise NotImplementedError
+
+    def scorer(self, inputs: GeneratorInputs, modality: str) -> Scores:
+        """Called once per graph rebuild, in eval mode and without gradients: the users' scores of every item."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
 # VGAE graph generator of the "w/o DM" ablation (paper Table 3, Kipf & Welling 2016)
 # ---------------------------------------------------------------------------------------------
 
-class VGAE(nn.Module):
+class VGAE(GraphGenerator):
     """Variational graph auto-encoder over the U+I nodes of the train graph, one per modality.
 
     Encoder (two GCN layers on the normalised train graph Â, the second split in mean and log-variance):
@@ -199,6 +239,16 @@ class VGAE(nn.Module):
         """(user z, item z) with z = μ: the decoder score of (u, i) is σ(z_u · z_i), ranked by z_u · z_i."""
         mu, _ = self.encode(adj, user_emb, item_feat)
         return mu[: self.n_users], mu[self.n_users:]
+
+    def generator_loss(self, inputs: GeneratorInputs, modality: str, x0: torch.Tensor, rows: torch.Tensor
+                       ) -> torch.Tensor:
+        """`loss` on the detached user ID table and the modality's transformed features."""
+        return self.loss(inputs.adj, inputs.user_emb, inputs.modal_feats[modality], rows, x0)
+
+    def scorer(self, inputs: GeneratorInputs, modality: str) -> Scores:
+        """Every user's decoder logits z_u · z_i (z = μ, encoded once per rebuild): σ keeps their order."""
+        user_z, item_z = self.embeddings(inputs.adj, inputs.user_emb, inputs.modal_feats[modality])
+        return lambda users, host_rows: user_z[users] @ item_z.T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,19 +479,41 @@ def use_hidden_reverse(mode: str, exact: bool, n_items: int, hidden: int, steps:
     return mode == "hidden" or hidden_reverse_is_cheaper(n_items, hidden, steps, batch)
 
 
-# ---------------------------------------------------------------------------------------------
-# DiffMM: one epoch = 1. every modality's denoiser, 2. every modality graph, 3. negatives and the
-# recommender (paper Algorithm 1)
-# ---------------------------------------------------------------------------------------------
+class DiffusionGenerator(Denoiser, GraphGenerator):
+    """DiffMM's graph generator of one modality: the denoiser (Eq. 13) with the Gaussian diffusion every modality
+    shares (Eq. 2-14). Loss: mean ELBO + `msi_weight` · mean MSI (Eq. 24; `msi_weight` None: the ELBO only,
+    --ablation no_msi). Scores: the reverse process from the user's train row (§2.2.3, sampling_steps T' > 0:
+    from x_{T'}), in the denoiser's hidden space where that is exact and cheaper (`use_hidden_reverse`). Its
+    parameters, and so its checkpoint keys, are the denoiser's."""
 
-def drop_edges(graph: sp.csr_matrix, keep_rate: float, rng: np.random.Generator) -> sp.csr_matrix:
-    """Keep each stored entry (self-loops included) with probability keep_rate, scaling kept ones by 1/keep_rate."""
-    if keep_rate >= 1.0:
-        return graph
-    coo = graph.tocoo()
-    keep = rng.random(coo.nnz) < keep_rate
-    return sp.csr_matrix((coo.data[keep] / keep_rate, (coo.row[keep], coo.col[keep])), shape=graph.shape)
+    def __init__(self, n_items: int, dims: Sequence[int], emb_size: int, norm: bool, diffusion: GaussianDiffusion,
+                 msi_weight: Optional[float], sampling_steps: int, sampling_noise: bool, hidden_reverse: bool):
+        super().__init__(n_items, dims, emb_size, norm)
+        self.diffusion, self.msi_weight = diffusion, msi_weight
+        self.sampling_steps, self.sampling_noise, self.hidden_reverse = sampling_steps, sampling_noise, hidden_reverse
 
+    def generator_loss(self, inputs: GeneratorInputs, modality: str, x0: torch.Tensor, rows: torch.Tensor
+                       ) -> torch.Tensor:
+        elbo, msi = self.diffusion.training_losses(self, x0, inputs.item_emb, inputs.modal_feats[modality])
+        if self.msi_weight is None:
+            return elbo.mean()
+        return elbo.mean() + self.msi_weight * msi.mean()
+
+    def scorer(self, inputs: GeneratorInputs, modality: str) -> Scores:
+        def scores(users: torch.Tensor, host_rows: np.ndarray) -> torch.Tensor:
+            x0 = inputs.user_rows.dense(users)
+            with inputs.autocast():
+                if self.hidden_reverse:
+                    return self.diffusion.p_sample_hidden(self, x0, self.sampling_steps,
+                                                          inputs.user_rows.csr(users, host_rows))
+                return self.diffusion.p_sample(self, x0, self.sampling_steps, self.sampling_noise)
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffMM: one epoch = 1. every modality's graph generator, 2. every modality graph, 3. negatives and the
+# recommender (paper Algorithm 1); the phase and loss names keep "denoiser" (metrics.jsonl, figures)
+# ---------------------------------------------------------------------------------------------
 
 def fused_view_graph(train: sp.csr_matrix, top: np.ndarray, ratio: float, train_keep: float, keep_rate: float,
                      rng: np.random.Generator) -> sp.csr_matrix:
@@ -465,7 +537,8 @@ def fused_view_graph(train: sp.csr_matrix, top: np.ndarray, ratio: float, train_
 
 class DiffMM(RecModel):
     """The recommender, one graph generator per modality (a denoiser, or a VGAE with --ablation no_dm),
-    their Adam optimisers, and the epoch of the authors' code."""
+    their Adam optimisers, and the epoch of the authors' code. A variant (MDMNS) overrides the hooks
+    (`generator_inputs`, `generator_terms`, `generator_scorer`, `recommender_terms`), not the loops."""
 
     name = "diffmm"
     paper = "DiffMM: multi-modal diffusion model for recommendation (Jiang et al., ACM MM 2024)"
@@ -473,44 +546,150 @@ class DiffMM(RecModel):
     phases = ("denoiser", "rebuild", "negatives", "recommender")
     loss_phases = {"loss": "recommender", "denoiser_loss": "denoiser"}
     recommender_class = Recommender  # a subclass's recommender (MDMNS: its views), built with the same arguments
+    # the authors' README: one command per dataset
+    presets = {
+        "tiktok": ["--reg", "1e-4", "--ssl_reg", "1e-2", "--epoch", "50", "--trans", "1", "--e_loss", "0.1",
+                   "--cl_method", "1"],
+        "baby": ["--reg", "1e-5", "--ssl_reg", "1e-1", "--keepRate", "1", "--e_loss", "0.01"],
+        "sports": ["--reg", "1e-6", "--ssl_reg", "1e-2", "--temp", "0.1", "--ris_lambda", "0.1", "--e_loss", "0.5",
+                   "--keepRate", "1", "--trans", "1"],
+    }
+    published = {"tiktok": (0.1129, 0.0456, 0.0056), "baby": (0.0975, 0.0411, 0.0051),
+                 "sports": (0.1017, 0.0458, 0.0054)}
+    published_in = "DiffMM Table 2"
+    # the paper's Table 3 (Recall@20, NDCG@20 per ablation) and Table 4 (per τ = --temp, λ1 = --ssl_reg)
+    published_ablations = {
+        "tiktok": {"no_cl": (0.1026, 0.0420), "no_dm": (0.1075, 0.0433), "no_msi": (0.1086, 0.0426),
+                   "none": (0.1129, 0.0456)},
+        "baby": {"no_cl": (0.0929, 0.0388), "no_dm": (0.0935, 0.0402), "no_msi": (0.0970, 0.0408),
+                 "none": (0.0975, 0.0411)},
+        "sports": {"no_cl": (0.0942, 0.0418), "no_dm": (0.0980, 0.0440), "no_msi": (0.0996, 0.0445),
+                   "none": (0.1017, 0.0458)},
+    }
+    _T4 = [(t, l) for t in (0.1, 0.5, 1.0) for l in (1.0, 0.1, 0.01)]
+    published_temp_ssl = {
+        "tiktok": dict(zip(_T4, [(0.0474, 0.0198), (0.0411, 0.0186), (0.0987, 0.0417), (0.0722, 0.0313),
+                                 (0.0849, 0.0373), (0.1129, 0.0456), (0.0740, 0.0323), (0.0983, 0.0410),
+                                 (0.1064, 0.0432)])),
+        "baby": dict(zip(_T4, [(0.0722, 0.0309), (0.0871, 0.0372), (0.0933, 0.0393), (0.0924, 0.0399),
+                               (0.0975, 0.0411), (0.0944, 0.0393), (0.0959, 0.0400), (0.0956, 0.0401),
+                               (0.0940, 0.0389)])),
+        "sports": dict(zip(_T4, [(0.0828, 0.0364), (0.0945, 0.0421), (0.1017, 0.0458), (0.0955, 0.0425),
+                                 (0.0996, 0.0441), (0.0956, 0.0427), (0.0971, 0.0431), (0.0961, 0.0426),
+                                 (0.0943, 0.0422)])),
+    }
 
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)
         features = {m: torch.from_numpy(f) for m, f in data.features.items()}
         self.recommender = self.recommender_class(data.n_users, data.n_items, features, args.latdim, args.gnn_layer,
                                                   args.trans, args.ris_lambda, args.ris_adj_lambda).to(device)
-        if args.ablation == "no_dm":  # Table 3 "w/o DM": a VGAE per modality generates the graphs
-            pos_weight = (data.n_users * data.n_items - data.train.nnz) / max(data.train.nnz, 1)
-            self.denoisers = nn.ModuleDict({
-                m: VGAE(data.n_users, args.latdim, args.latdim, args.latdim, pos_weight) for m in data.modalities
-            }).to(device)
-        else:
-            self.denoisers = nn.ModuleDict({
-                m: Denoiser(data.n_items, args.dims, args.d_emb_size, args.norm) for m in data.modalities
-            }).to(device)
         self.plain = args.kernels == "plain"  # the reference path of `Experiments.benchmark --compare`
-        self.adj = Graph(train_graph(data.train), device, symmetric=True, plain=self.plain)
-        self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device)
-        self.optimizer = torch.optim.Adam(self.recommender.parameters(), lr=args.lr, weight_decay=0)
-        self.denoiser_optimizers = {m: torch.optim.Adam(d.parameters(), lr=args.lr, weight_decay=0)
-                                    for m, d in self.denoisers.items()}
-        self.rng = np.random.default_rng(args.seed)
         self.pairs = train_pairs(data.train)
+        self.adj = Graph(normalized_graph(*self.pairs, data.n_users, data.n_items), device, symmetric=True,
+                         plain=self.plain)
+        self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device)
         self.user_rows = DeviceRows(data.train, device)  # every user's train row, gathered per batch on the device
         # the reverse process in the denoiser's hidden space where that is exact and cheaper (p_sample_hidden)
         self.hidden_reverse = use_hidden_reverse(args.reverse, not args.norm and not args.sampling_noise,
                                                  data.n_items, args.dims[-1], args.steps, args.batch)
+        self.generators = nn.ModuleDict({m: self.build_generator() for m in data.modalities}).to(device)
+        self.optimizer = torch.optim.Adam(self.recommender.parameters(), lr=args.lr, weight_decay=0)
+        self.generator_optimizers = {m: torch.optim.Adam(g.parameters(), lr=args.lr, weight_decay=0)
+                                     for m, g in self.generators.items()}
+        self.rng = np.random.default_rng(args.seed)
         # the last rebuild: per modality its graphs ("full", "dropped", "view") and top items (U x rebuild_k)
         self.graphs: Dict[str, Dict[str, Graph]] = {}
         self.generated: Dict[str, np.ndarray] = {}
 
+    def build_generator(self) -> GraphGenerator:
+        """One modality's graph generator: the denoiser of the diffusion model, or with --ablation no_dm (Table 3
+        "w/o DM") a VGAE."""
+        args, data = self.args, self.data
+        if args.ablation == "no_dm":
+            pos_weight = (data.n_users * data.n_items - data.train.nnz) / max(data.train.nnz, 1)
+            return VGAE(data.n_users, args.latdim, args.latdim, args.latdim, pos_weight)
+        return DiffusionGenerator(data.n_items, args.dims, args.d_emb_size, args.norm, self.diffusion,
+                                  None if args.ablation == "no_msi" else args.e_loss, args.sampling_steps,
+                                  args.sampling_noise, self.hidden_reverse)
+
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
-        from Params import add_diffmm_args
-        add_diffmm_args(parser)
+        """DiffMM's flags: the authors' names, types and defaults (HKUDS/DiffMM at fae20e6, Params.py), two of their
+        parsing defects fixed (`Utils/flags.py`: `--norm False` was on, `--dims` was eval-ed), and ours after them."""
+        g = parser.add_argument_group("diffmm: recommender")
+        g.add_argument("--reg", default=1e-5, type=float, help="λ2: weight decay on the ID embedding tables")
+        g.add_argument("--latdim", default=64, type=int, help="d: embedding size")
+        g.add_argument("--gnn_layer", default=1, type=int, help="L: propagation layers on the train graph")
+        g.add_argument("--trans", default=0, type=int, choices=[0, 1, 2],
+                       help="feature transform: 0 = LeakyReLU(F W), 1 = Linear(F), 2 = image as 0, others as 1")
+        g.add_argument("--ris_lambda", default=0.5, type=float, help="ω (Eq. 23): weight of the normalised fused view")
+        g.add_argument("--ris_adj_lambda", default=0.2, type=float,
+                       help="weight of the generated-graph term per modality")
+        g.add_argument("--keepRate", default=0.5, type=float, help="edge keep rate of the generated graphs")
+        g.add_argument("--eval_graph", default="dropped", choices=["dropped", "full"],
+                       help="generated graphs used at evaluation: 'dropped' (authors: after the random edge drop) or "
+                            "'full' (the same graphs before the drop, so evaluation is not random)")
+
+        g = parser.add_argument_group("diffmm: contrastive learning")
+        g.add_argument("--ssl_reg", default=1e-2, type=float, help="λ1: weight of the contrastive loss")
+        g.add_argument("--temp", default=0.5, type=float, help="τ: InfoNCE temperature")
+        g.add_argument("--cl_method", default=0, type=int, choices=[0, 1],
+                       help="0 = modality views contrasted pairwise; 1 = main view as anchor")
+
+        g = parser.add_argument_group("diffmm: diffusion")
+        g.add_argument("--dims", default="[1000]", type=int_list, help="hidden sizes of the denoiser MLP")
+        g.add_argument("--d_emb_size", default=10, type=int, help="size of the diffusion-step embedding")
+        g.add_argument("--norm", default=False, type=str2bool, help="L2-normalise the denoiser input")
+        g.add_argument("--steps", default=5, type=int, help="T: diffusion steps")
+        g.add_argument("--noise_scale", default=0.1, type=float, help="s: noise scale")
+        g.add_argument("--noise_min", default=0.0001, type=float, help="γmin: lower noise bound")
+        g.add_argument("--noise_max", default=0.02, type=float, help="γmax: upper noise bound")
+        g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in reverse sampling")
+        g.add_argument("--sampling_steps", default=0, type=int, help="T': forward steps before reverse sampling")
+        g.add_argument("--rebuild_k", default=1, type=int, help="k: items kept per user in a generated graph")
+        g.add_argument("--reverse", default="auto", choices=["auto", "direct", "hidden"],
+                       help="reverse process of the graph rebuild: hidden = in the denoiser's hidden space (exact "
+                            "with --norm false and --sampling_noise false: same rows to float rounding, two "
+                            "items-wide products per batch instead of two per step); direct = step by step on the "
+                            "item rows, as the authors; auto = hidden where it is exact and costs fewer multiply-adds "
+                            "for these shapes (wide catalogues), else direct")
+        g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
+
+        g = parser.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "
+                                                             "(README, section Paper experiments)")
+        g.add_argument("--ablation", default="none", choices=["none", "no_cl", "no_msi", "no_dm"],
+                       help="paper Table 3: no_cl = no contrastive term (views not computed); no_msi = the MSI term "
+                            "of the diffusion loss dropped (as e_loss 0); no_dm = a VGAE per modality (Kipf & "
+                            "Welling 2016) generates the modality graphs instead of the diffusion model")
+        g.add_argument("--fusion_ratio", default=0.0, type=unit_float,
+                       help="paper Figure 4: graphs of the contrastive views only (not the main view). Per epoch, "
+                            "modality and user, with probability r the user's view edges are its train edges, each "
+                            "kept with probability --fusion_keep (random edge drop), else its rebuild_k generated "
+                            "edges; the union is normalised and edge-dropped (keepRate) like the generated graph. "
+                            "0 = the generated graph itself (diffusion only), 1 = randomly dropped train graph only")
+        g.add_argument("--fusion_keep", default=0.5, type=unit_float,
+                       help="paper Figure 4: keep probability of each train edge in the random augmentation used by "
+                            "--fusion_ratio > 0")
 
     @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        """The first of DiffMM's flags whose value cannot give a meaningful run on `data`, as one sentence."""
+        for name in ("steps", "d_emb_size", "latdim", "rebuild_k"):
+            if getattr(args, name) < 1:
+                return f"--{name} must be at least 1, got {getattr(args, name)}."
+        if args.gnn_layer < 0:
+            return f"--gnn_layer must be 0 or more, got {args.gnn_layer}."
+        if not 0 <= args.sampling_steps <= args.steps:
+            return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}."
+        if not 0.0 < args.keepRate <= 1.0:
+            return f"--keepRate must be in (0, 1] (the share of generated edges kept), got {args.keepRate}."
+        if not args.temp > 0.0:
+            return f"--temp must be positive (InfoNCE divides by it), got {args.temp}."
+        noise = (args.noise_scale, args.noise_min, args.noise_max)
+        if min(noise) < 0.0 or args.noise_scale * max(args.noise_min, args.noise_max) >= 1.0:
+            return (f"--noise_scale, --noise_min and --noise_max must be non-negative with noise_scale x noise_max "
+                    f"below 1 (it is a variance), got {noise}.")
         if args.rebuild_k > data.n_items:
             return f"--rebuild_k {args.rebuild_k} exceeds the {data.n_items} items of {data.name}."
         if args.reverse == "hidden" and (args.norm or args.sampling_noise):
@@ -518,10 +697,10 @@ class DiffMM(RecModel):
                     "or direct.")
         return None
 
-    # --- the epoch ---------------------------------------------------------------------------
+    # --- the epoch (paper Algorithm 1) ----------------------------------------------------------
     def train_epoch(self, epoch: int, timer: PhaseTimer) -> Dict[str, Dict[str, float]]:
         with timer.phase("denoiser"):
-            denoiser_loss = self.train_denoisers()
+            generator_loss = self.train_generators()
         with timer.phase("rebuild"):
             self.graphs = self.rebuild_graphs()
         with timer.phase("negatives"):
@@ -529,72 +708,81 @@ class DiffMM(RecModel):
         with timer.phase("recommender"):
             losses = self.train_recommender({m: g["dropped"] for m, g in self.graphs.items()}, negatives,
                                             view_graphs={m: g["view"] for m, g in self.graphs.items()})
-        return {"loss": losses, "denoiser_loss": denoiser_loss}
+        return {"loss": losses, "denoiser_loss": generator_loss}
 
-    def generator_loss(self, generator: nn.Module, x0: torch.Tensor, rows: Union[np.ndarray, torch.Tensor],
-                       modal_feat: torch.Tensor) -> torch.Tensor:
-        """The loss of one modality's graph generator on a batch of user rows x0.
+    # the hooks a variant overrides (MDMNS): the generators' inputs, loss terms and scores, and the recommender's
+    # loss terms of one batch; the loops that call them are the ones below
+    @torch.no_grad()
+    def generator_inputs(self) -> GeneratorInputs:
+        """What every generator reads in one pass (training or rebuild): the recommender's tables, detached."""
+        return GeneratorInputs(self.adj, self.user_rows, self.recommender.user_emb.detach(),
+                               self.recommender.item_emb.detach(), self.recommender.modal_features(), self.autocast)
 
-        Diffusion: mean ELBO + e_loss * mean MSI (Eq. 24); `--ablation no_msi`: the mean ELBO only.
-        `--ablation no_dm`: the VGAE's reconstruction + KL loss on the same rows (VGAE).
-        Recommender tables and `modal_feat` are read detached.
+    def generator_terms(self, modality: str, inputs: GeneratorInputs, x0: torch.Tensor, users: torch.Tensor
+                        ) -> Dict[str, torch.Tensor]:
+        """Hook: one modality's loss on a batch of user rows, {modality: the loss trained}, plus any terms logged
+        only (MDMNS's `<modality>_extra`). Diffusion (Eq. 24) or, with --ablation no_dm, the VGAE's."""
+        return {modality: self.generators[modality].generator_loss(inputs, modality, x0, users)}
+
+    def generator_scorer(self, modality: str, inputs: GeneratorInputs) -> Scores:
+        """Hook: the function that scores a batch of users' items at the graph rebuild (in eval mode)."""
+        return self.generators[modality].scorer(inputs, modality)
+
+    def recommender_terms(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                          modal_graphs: Dict[str, Graph], view_graphs: Optional[Dict[str, Graph]]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hook: (BPR, λ2 reg, λ1 contrastive) of one batch of (user, pos, neg) (Eq. 25-26, 18-19).
+
+        `--ablation no_cl` or ssl_reg 0: no contrastive term and the views are not computed.
         """
-        if isinstance(generator, VGAE):
-            return generator.loss(self.adj, self.recommender.user_emb.detach(), modal_feat,
-                                  torch.as_tensor(rows, device=self.device), x0)
-        elbo, msi = self.diffusion.training_losses(generator, x0, self.recommender.item_emb.detach(), modal_feat)
-        if self.args.ablation == "no_msi":
-            return elbo.mean()
-        return elbo.mean() + self.args.e_loss * msi.mean()
+        args = self.args
+        with_views = args.ssl_reg != 0 and args.ablation != "no_cl"
+        with self.autocast():
+            user_vec, item_vec, views = self.recommender(self.adj, modal_graphs, with_views=with_views,
+                                                         view_graphs=view_graphs)
+        user_vec, item_vec = user_vec.float(), item_vec.float()
+        bpr = bpr_loss(user_vec, item_vec, users, positives, negatives, divisor=args.batch)
+        reg = args.reg * self.recommender.reg_loss()
+        cl = (args.ssl_reg * contrastive_loss(user_vec, item_vec, [(a.float(), b.float()) for a, b in views],
+                                              users, positives, args.cl_method, args.temp, self.plain)
+              if with_views else torch.zeros((), device=self.device))
+        return bpr, reg, cl
 
-    def train_denoisers(self) -> Dict[str, float]:
-        """One pass of every denoiser (or VGAE with --ablation no_dm) over all users; mean loss per modality."""
-        self.denoisers.train()
-        with torch.no_grad():  # the recommender's tables are read, not trained, here
-            modal_feats = self.recommender.modal_features()
-        totals = {m: torch.zeros((), device=self.device) for m in self.data.modalities}
+    def train_generators(self) -> Dict[str, float]:
+        """One pass of every modality's graph generator over all users, in shuffled batches of user rows: per batch
+        the sum of the modalities' losses, one step of each generator's Adam. Returns the mean of each term."""
+        self.generators.train()
+        inputs = self.generator_inputs()
+        totals: Dict[str, torch.Tensor] = {}
         batches = user_batches(self.data.n_users, self.args.batch, True)
-        for idx in self.progress(device_batches(batches, self.device), "denoisers"):
-            x0 = self.user_rows.dense(idx)
+        for users in self.progress(device_batches(batches, self.device), "denoisers"):
+            x0 = self.user_rows.dense(users)
             loss = 0.0
-            for m, denoiser in self.denoisers.items():
-                self.denoiser_optimizers[m].zero_grad(set_to_none=True)
+            for m in self.generators:
+                self.generator_optimizers[m].zero_grad(set_to_none=True)
                 with self.autocast():
-                    loss_m = self.generator_loss(denoiser, x0, idx, modal_feats[m])
-                totals[m] += loss_m.detach()
-                loss = loss + loss_m
+                    terms = self.generator_terms(m, inputs, x0, users)
+                for key, value in terms.items():
+                    totals.setdefault(key, torch.zeros((), device=self.device)).add_(value.detach())
+                loss = loss + terms[m]
             loss.backward()
-            for opt in self.denoiser_optimizers.values():
+            for opt in self.generator_optimizers.values():
                 opt.step()
-        return {m: float(v) / len(batches) for m, v in totals.items()}
+        return {key: float(v) / len(batches) for key, v in totals.items()}
 
     @torch.no_grad()
-    def generate_top_items(self, denoiser: nn.Module, modality: Optional[str] = None) -> torch.Tensor:
-        """The top rebuild_k items of every user's denoised train row (U x k indices; Eq. 12, §2.2.3).
-
-        With a VGAE (--ablation no_dm; `modality` names its features): every user's top rebuild_k items
-        by the decoder score σ(z_u · z_i), z = μ of the encoder.
-        """
-        denoiser.eval()
-        if isinstance(denoiser, VGAE):
-            user_z, item_z = denoiser.embeddings(self.adj, self.recommender.user_emb.detach(),
-                                                 self.recommender.modal_features()[modality])
+    def generate_top_items(self, modality: str, inputs: Optional[GeneratorInputs] = None) -> torch.Tensor:
+        """The top rebuild_k items of every user by its modality generator's scores (U x k indices; Eq. 12,
+        §2.2.3): the denoised train row, or with --ablation no_dm the VGAE's decoder score σ(z_u · z_i)."""
+        generator = self.generators[modality]
+        generator.eval()
+        score = self.generator_scorer(modality, inputs or self.generator_inputs())
         # one buffer for all users: per-batch results kept between the batch x items tensors fragment the heap
         top = torch.empty(self.data.n_users, self.args.rebuild_k, dtype=torch.long, device=self.device)
         batches = user_batches(self.data.n_users, self.args.batch, False)
-        for rows, idx in zip(self.progress(batches, "rebuild"), device_batches(batches, self.device)):
-            if isinstance(denoiser, VGAE):
-                scores = user_z[idx] @ item_z.T
-            elif self.hidden_reverse:
-                with self.autocast():
-                    scores = self.diffusion.p_sample_hidden(denoiser, self.user_rows.dense(idx),
-                                                            self.args.sampling_steps, self.user_rows.csr(idx, rows))
-            else:
-                with self.autocast():
-                    scores = self.diffusion.p_sample(denoiser, self.user_rows.dense(idx), self.args.sampling_steps,
-                                                     self.args.sampling_noise)
-            top[idx] = torch.topk(scores, self.args.rebuild_k, dim=1).indices
-        denoiser.train()
+        for rows, users in zip(self.progress(batches, "rebuild"), device_batches(batches, self.device)):
+            top[users] = torch.topk(score(users, rows), self.args.rebuild_k, dim=1).indices
+        generator.train()
         return top
 
     def rebuild_graphs(self) -> Dict[str, Dict[str, Graph]]:
@@ -606,9 +794,10 @@ class DiffMM(RecModel):
         """
         n_users, n_items = self.data.n_users, self.data.n_items
         args = self.args
+        inputs = self.generator_inputs()
         graphs = {}
-        for m, denoiser in self.denoisers.items():
-            top = self.generate_top_items(denoiser, m).cpu().numpy()
+        for m in self.generators:
+            top = self.generate_top_items(m, inputs).cpu().numpy()
             self.generated[m] = top
             users = np.repeat(np.arange(n_users), top.shape[1])
             full = normalized_graph(users, top.ravel(), n_users, n_items)
@@ -623,31 +812,19 @@ class DiffMM(RecModel):
 
     def train_recommender(self, modal_graphs: Dict[str, Graph], negatives: np.ndarray,
                           view_graphs: Optional[Dict[str, Graph]] = None) -> Dict[str, float]:
-        """BPR + λ2 reg + λ1 contrastive loss (Eq. 26) over shuffled batches of (user, pos, neg).
-
-        `view_graphs`: the contrastive views' graphs (--fusion_ratio); None = the modal graphs.
-        `--ablation no_cl`: no contrastive term and the views are not computed.
-        """
-        args = self.args
+        """The recommender's loss (`recommender_terms`) over shuffled batches of (user, pos, neg), one Adam step each;
+        the mean of each term. `view_graphs`: the contrastive views' graphs (--fusion_ratio); None = the modal
+        graphs."""
         users = torch.from_numpy(self.pairs[0]).to(self.device)
         positives = torch.from_numpy(self.pairs[1]).to(self.device)
         negatives = torch.from_numpy(negatives).to(self.device)
-        with_views = args.ssl_reg != 0 and args.ablation != "no_cl"
         self.recommender.train()
         totals = torch.zeros(3, device=self.device)
-        batches = user_batches(len(users), args.batch, True)
+        batches = user_batches(len(users), self.args.batch, True)
         for idx in self.progress(device_batches(batches, self.device), "recommender"):
-            u, p, n = users[idx], positives[idx], negatives[idx]
             self.optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
-                user_vec, item_vec, views = self.recommender(self.adj, modal_graphs, with_views=with_views,
-                                                             view_graphs=view_graphs)
-            user_vec, item_vec = user_vec.float(), item_vec.float()
-            bpr = bpr_loss(user_vec, item_vec, u, p, n, divisor=args.batch)
-            reg = args.reg * self.recommender.reg_loss()
-            cl = (args.ssl_reg * contrastive_loss(user_vec, item_vec, [(a.float(), b.float()) for a, b in views],
-                                                  u, p, args.cl_method, args.temp, self.plain)
-                  if with_views else torch.zeros((), device=self.device))
+            bpr, reg, cl = self.recommender_terms(users[idx], positives[idx], negatives[idx], modal_graphs,
+                                                  view_graphs)
             (bpr + reg + cl).backward()
             self.optimizer.step()
             totals += torch.stack([bpr.detach(), reg.detach(), cl.detach()])
@@ -662,19 +839,27 @@ class DiffMM(RecModel):
                 self.adj, {m: g[self.args.eval_graph] for m, g in self.graphs.items()})
         return user_vec, item_vec
 
+    # keys of checkpoints saved before the graph generators were named so (a VGAE is no denoiser)
+    OLD_KEYS = {"denoisers": "generators", "denoiser_optimizers": "generator_optimizers"}
+
     def checkpoint_state(self) -> dict:
-        """The recommender, the denoisers, and what its scores need besides: the epoch's generated graphs
+        """The recommender, the graph generators, and what its scores need besides: the epoch's generated graphs
         used at evaluation (--eval_graph), so a reloaded model scores exactly as it did."""
         graphs = {m: g[self.args.eval_graph].state() for m, g in self.graphs.items()}
-        return {"recommender": self.recommender.state_dict(), "denoisers": self.denoisers.state_dict(),
+        return {"recommender": self.recommender.state_dict(), "generators": self.generators.state_dict(),
                 "eval_graphs": graphs, "generated": {m: torch.from_numpy(t) for m, t in self.generated.items()}}
 
     def load_checkpoint_state(self, state: dict) -> None:
+        state = {self.OLD_KEYS.get(k, k): v for k, v in state.items()}
         self.recommender.load_state_dict(state["recommender"])
-        self.denoisers.load_state_dict(state["denoisers"])
+        self.generators.load_state_dict(state["generators"])
         self.graphs = {m: {self.args.eval_graph: Graph.from_state(g, self.device)}
                        for m, g in state["eval_graphs"].items()}
         self.generated = {m: t.numpy() for m, t in state["generated"].items()}
+
+    def load_training_state(self, state: dict) -> None:
+        stateful = {self.OLD_KEYS.get(k, k): v for k, v in state["stateful"].items()}
+        super().load_training_state(dict(state, stateful=stateful))
 
     def save_artifacts(self, run_dir: Path) -> None:
         """generated_items.npz: the last epoch's top items per modality (U x rebuild_k), for Figure 5."""

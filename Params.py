@@ -1,121 +1,32 @@
 """Every command-line flag, grouped, with the paper symbol it stands for.
 
-The harness's flags (data, optimisation, evaluation, run) are here, then DiffMM's (`add_diffmm_args`);
-every other model declares its own group next to its code (`Models/<name>.py`, `add_args`), and
-`--model NAME --help` lists them. DiffMM's flags keep the authors' names, types and defaults. Two of
-their defects are fixed here: booleans are parsed as booleans (their `type=bool` turned `--norm False` ON) and `--dims` is
-parsed as a list literal instead of `eval`-ed.
+The harness's flags (data, optimisation, evaluation, run) are here; every model declares its own group and
+checks next to its code (`add_args`, `check`: DiffMM's in `Model.py`, the others' in `Models/<name>.py`), and
+`--model NAME --help` lists them. The value parsers they share are `Utils/flags.py`.
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import json
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from Utils.helpers import parse_threads
-
-
-def str2bool(text: str) -> bool:
-    """Parse a command-line boolean: true/false, yes/no, on/off, 1/0 (any case)."""
-    value = text.strip().lower()
-    if value in ("true", "t", "yes", "y", "on", "1"):
-        return True
-    if value in ("false", "f", "no", "n", "off", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
-
-
-def int_list(text: str) -> List[int]:
-    """Parse '[1000]', '[1000, 500]', '1000,500' or '1000' into a list of ints, without eval."""
-    text = text.strip()
-    try:
-        value = ast.literal_eval(text) if text.startswith("[") else [int(v) for v in text.split(",") if v.strip()]
-    except (ValueError, SyntaxError):
-        raise argparse.ArgumentTypeError(f"expected a list of integers such as [1000], got {text!r}")
-    if isinstance(value, int):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(type(v) is int and v > 0 for v in value):
-        raise argparse.ArgumentTypeError(f"expected a list of positive integers such as [1000], got {text!r}")
-    return value
-
-
-def float_list(text: str) -> List[float]:
-    """Parse '0.1,0.9', '[0.1, 0.9]' or '0.1' into a list of finite floats, without eval."""
-    text = text.strip()
-    message = f"expected a list of numbers such as 0.1,0.9 or [0.1, 0.9], got {text!r}"
-    try:
-        value = ast.literal_eval(text) if text.startswith("[") else [float(v) for v in text.split(",") if v.strip()]
-    except (ValueError, SyntaxError):
-        raise argparse.ArgumentTypeError(message)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            or not all(float("-inf") < v < float("inf") for v in value)):
-        raise argparse.ArgumentTypeError(message)
-    return [float(v) for v in value]
-
-
-def name_list(text: str) -> List[str]:
-    """Parse 'image,audio' into ['image', 'audio']."""
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
-    return names
-
-
-def unit_float(text: str) -> float:
-    """Parse a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
-
-
-def group_edges(text: str) -> List[int]:
-    """Parse '0,5,10,20,50' into strictly increasing non-negative ints starting at 0 (0 is added if absent)."""
-    try:
-        edges = [int(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,5,10,20,50, got {text!r}")
-    if not edges or any(e < 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise argparse.ArgumentTypeError(f"expected strictly increasing non-negative integers such as "
-                                         f"0,5,10,20,50, got {text!r}")
-    return edges if edges[0] == 0 else [0] + edges
+from Utils import run_folder
+from Utils.flags import float_list, group_edges, int_list, name_list, str2bool, unit_float  # noqa: F401 (re-exported)
+from Utils.helpers import ArgumentParser, UsageError, parse_threads
 
 
 # ---------------------------------------------------------------------------------------------
 # The published commands: `--preset NAME` = (model, data, flags); flags given explicitly still win
 # ---------------------------------------------------------------------------------------------
 
-PRESETS: Dict[str, Tuple[str, str, List[str]]] = {
-    # DiffMM's README
-    "diffmm-tiktok": ("diffmm", "tiktok", ["--reg", "1e-4", "--ssl_reg", "1e-2", "--epoch", "50", "--trans", "1",
-                                           "--e_loss", "0.1", "--cl_method", "1"]),
-    "diffmm-baby": ("diffmm", "baby", ["--reg", "1e-5", "--ssl_reg", "1e-1", "--keepRate", "1", "--e_loss", "0.01"]),
-    "diffmm-sports": ("diffmm", "sports", ["--reg", "1e-6", "--ssl_reg", "1e-2", "--temp", "0.1", "--ris_lambda", "0.1",
-                                           "--e_loss", "0.5", "--keepRate", "1", "--trans", "1"]),
-    # MDMNS's README (its Sports command gives --temp 0.1 twice)
-    "mdmns-tiktok": ("mdmns", "tiktok", ["--reg", "1e-4", "--ssl_reg", "1e-2", "--epoch", "50", "--trans", "1",
-                                         "--e_loss", "0.1", "--cl_method", "1", "--latdim", "512", "--gnn_layer", "1",
-                                         "--temp", "0.5", "--steps", "5"]),
-    "mdmns-baby": ("mdmns", "baby", ["--reg", "1e-5", "--ssl_reg", "1e-1", "--keepRate", "1", "--e_loss", "0.01",
-                                     "--gnn_layer", "2", "--latdim", "256", "--temp", "0.5", "--steps", "20"]),
-    "mdmns-sports": ("mdmns", "sports", ["--reg", "1e-6", "--ssl_reg", "1e-2", "--temp", "0.1", "--ris_lambda", "0.1",
-                                         "--e_loss", "0.5", "--keepRate", "1", "--trans", "1", "--gnn_layer", "1",
-                                         "--latdim", "256", "--steps", "5"]),
-    # MMSSL's README gives only `--dataset NAME`: its defaults are the Baby block of the first upload's
-    # parser; the TikTok and Sports blocks of that parser differ from them in these flags
-    "mmssl-tiktok": ("mmssl", "tiktok", ["--lr", "5.4e-4", "--G_rate", "1.8e-3", "--real_data_tau", "0.002",
-                                         "--m_topk_rate", "0.01"]),
-    "mmssl-baby": ("mmssl", "baby", []),
-    "mmssl-sports": ("mmssl", "sports", ["--lr", "5e-4", "--real_data_tau", "0.002", "--T", "2",
-                                         "--m_topk_rate", "0.02"]),
-}
+def presets() -> Dict[str, Tuple[str, str, List[str]]]:
+    """Every published command, `NAME-DATASET` -> (model, dataset, flags), from each model class's `presets`."""
+    from Models import get_model, model_names
+
+    return {f"{name}-{data}": (name, data, list(flags))
+            for name in model_names() for data, flags in get_model(name).presets.items()}
 
 
 def preset_of(argv: Sequence[str]) -> Optional[str]:
@@ -130,9 +41,10 @@ def expand_preset(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
     name = preset_of(argv)
     if name is None:
         return list(argv), None
-    if name not in PRESETS:
-        return list(argv), f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}"
-    model, data, flags = PRESETS[name]
+    known = presets()
+    if name not in known:
+        return list(argv), f"unknown preset {name!r}; the presets are {', '.join(known)}"
+    model, data, flags = known[name]
     given = model_of(argv) if "--model" in argv or any(a.startswith("--model=") for a in argv) else model
     if given != model:
         return list(argv), f"--preset {name} is {model}'s published command, but --model {given} was given"
@@ -143,7 +55,7 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     """The harness's flags plus `model`'s own group (its class's `add_args`), with the model's defaults."""
     from Models import get_model, model_names
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train and evaluate one recommender (default DiffMM: multi-modal graph diffusion for "
                     "recommendation, ACM MM 2024). `--model NAME --help` shows that model's own flags.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
@@ -153,7 +65,7 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
                    help="the model to train: " + "; ".join(f"{n} = {get_model(n).paper}" for n in model_names()))
 
     g.add_argument("--preset", default=None, metavar="NAME",
-                   help="a published command: " + ", ".join(PRESETS) + " (sets --model, --data and that command's "
+                   help="a published command: " + ", ".join(presets()) + " (sets --model, --data and that command's "
                         "flags; flags given explicitly still win)")
 
     g = p.add_argument_group("data")
@@ -177,6 +89,9 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g.add_argument("--topks", default=None, type=int_list, help="more cut-offs, e.g. 10,20,50 (topk is always included)")
     g.add_argument("--tstBat", default=256, type=int, help="number of users per evaluation batch")
     g.add_argument("--tstEpoch", default=1, type=int, help="evaluate every this many epochs")
+    g.add_argument("--eval_users", default="all", choices=["all", "mmrec"],
+                   help="users averaged over: all = every user with a held-out item (DiffMM's code); mmrec = only "
+                        "those with a train item too (MMRec drops val/test users unseen in train; docs/siblings.md)")
     g.add_argument("--patience", default=0, type=int,
                    help="stop after this many evaluations without a better validation Recall@topk (0 = off)")
     g.add_argument("--groups", default="0,5,10,20,50", type=group_edges,
@@ -197,7 +112,7 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
                    help="fast = the hand-written kernels of Utils/kernels.py (sparse products with a precomputed "
                         "transpose, fused InfoNCE); plain = torch's straightforward autograd, the reference that "
                         "`Experiments.benchmark --compare` measures them against (same math)")
-    g.add_argument("--out_dir", default=None, type=str, help="run folder (default runs/<data>-<model>-<timestamp>)")
+    g.add_argument("--out_dir", default=None, type=str, help=f"run folder (default {run_folder.DEFAULT_OUT_DIR})")
     g.add_argument("--quiet", default=False, type=str2bool, nargs="?", const=True, help="no progress bars")
     g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
     g.add_argument("--keep_last", default=True, type=str2bool,
@@ -205,8 +120,15 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
                         "then (an interrupted or stopped run keeps it), keeping best_model.pt; sweeps and reproduce "
                         "default to false")
     g.add_argument("--resume", default=None, type=str, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last completed epoch (its configuration is used; "
-                        "every other flag is ignored but --epoch, a new total number of epochs)")
+                   help="continue the run in RUN_DIR from its last completed epoch with its own configuration; "
+                        f"beside it only {', '.join(RESUME_FLAGS[1:])} may be given (--epoch: a new total number of "
+                        "epochs); another flag is refused")
+    g.add_argument("--config", default=None, type=str, metavar="FILE|RUN_DIR",
+                   help="run the configuration of a run folder (its config.json) or of a JSON file (YAML with "
+                        "PyYAML installed) of flag names and values, in a new run folder; flags given beside it win")
+    g.add_argument("--tensorboard", default=False, type=str2bool, nargs="?", const=True,
+                   help="also write every epoch's losses and metrics as TensorBoard scalars into the run folder "
+                        "(needs the tensorboard package; metrics.jsonl stays the record)")
 
     model_class = get_model(model)
     model_class.add_args(p)
@@ -214,88 +136,110 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     return p
 
 
-def add_diffmm_args(p: argparse.ArgumentParser) -> None:
-    """DiffMM's flags: the authors' names, types and defaults (their parser.py)."""
-    g = p.add_argument_group("diffmm: recommender")
-    g.add_argument("--reg", default=1e-5, type=float, help="λ2: weight decay on the ID embedding tables")
-    g.add_argument("--latdim", default=64, type=int, help="d: embedding size")
-    g.add_argument("--gnn_layer", default=1, type=int, help="L: propagation layers on the train graph")
-    g.add_argument("--trans", default=0, type=int, choices=[0, 1, 2],
-                   help="feature transform: 0 = LeakyReLU(F W), 1 = Linear(F), 2 = image as 0, others as 1")
-    g.add_argument("--ris_lambda", default=0.5, type=float, help="ω (Eq. 23): weight of the normalised fused view")
-    g.add_argument("--ris_adj_lambda", default=0.2, type=float, help="weight of the generated-graph term per modality")
-    g.add_argument("--keepRate", default=0.5, type=float, help="edge keep rate of the generated graphs")
-    g.add_argument("--eval_graph", default="dropped", choices=["dropped", "full"],
-                   help="generated graphs used at evaluation: 'dropped' (authors: after the random edge drop) or "
-                        "'full' (the same graphs before the drop, so evaluation is not random)")
-
-    g = p.add_argument_group("diffmm: contrastive learning")
-    g.add_argument("--ssl_reg", default=1e-2, type=float, help="λ1: weight of the contrastive loss")
-    g.add_argument("--temp", default=0.5, type=float, help="τ: InfoNCE temperature")
-    g.add_argument("--cl_method", default=0, type=int, choices=[0, 1],
-                   help="0 = modality views contrasted pairwise; 1 = main view as anchor")
-
-    g = p.add_argument_group("diffmm: diffusion")
-    g.add_argument("--dims", default="[1000]", type=int_list, help="hidden sizes of the denoiser MLP")
-    g.add_argument("--d_emb_size", default=10, type=int, help="size of the diffusion-step embedding")
-    g.add_argument("--norm", default=False, type=str2bool, help="L2-normalise the denoiser input")
-    g.add_argument("--steps", default=5, type=int, help="T: diffusion steps")
-    g.add_argument("--noise_scale", default=0.1, type=float, help="s: noise scale")
-    g.add_argument("--noise_min", default=0.0001, type=float, help="γmin: lower noise bound")
-    g.add_argument("--noise_max", default=0.02, type=float, help="γmax: upper noise bound")
-    g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in reverse sampling")
-    g.add_argument("--sampling_steps", default=0, type=int, help="T': forward steps before reverse sampling")
-    g.add_argument("--rebuild_k", default=1, type=int, help="k: items kept per user in a generated graph")
-    g.add_argument("--reverse", default="auto", choices=["auto", "direct", "hidden"],
-                   help="reverse process of the graph rebuild: hidden = in the denoiser's hidden space (exact with "
-                        "--norm false and --sampling_noise false: same rows to float rounding, two items-wide "
-                        "products per batch instead of two per step); direct = step by step on the item rows, as "
-                        "the authors; auto = hidden where it is exact and costs fewer multiply-adds for these "
-                        "shapes (wide catalogues), else direct")
-    g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
-
-    g = p.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "
-                                                    "(README, section Paper experiments)")
-    g.add_argument("--ablation", default="none", choices=["none", "no_cl", "no_msi", "no_dm"],
-                   help="paper Table 3: no_cl = no contrastive term (views not computed); no_msi = the MSI term "
-                        "of the diffusion loss dropped (as e_loss 0); no_dm = a VGAE per modality (Kipf & "
-                        "Welling 2016) generates the modality graphs instead of the diffusion model")
-    g.add_argument("--fusion_ratio", default=0.0, type=unit_float,
-                   help="paper Figure 4: graphs of the contrastive views only (not the main view). Per epoch, "
-                        "modality and user, with probability r the user's view edges are its train edges, each "
-                        "kept with probability --fusion_keep (random edge drop), else its rebuild_k generated "
-                        "edges; the union is normalised and edge-dropped (keepRate) like the generated graph. "
-                        "0 = the generated graph itself (diffusion only), 1 = randomly dropped train graph only")
-    g.add_argument("--fusion_keep", default=0.5, type=unit_float,
-                   help="paper Figure 4: keep probability of each train edge in the random augmentation used by "
-                        "--fusion_ratio > 0")
-
-
 def impossible_value(args: argparse.Namespace) -> Optional[str]:
-    """The first flag whose value cannot give a meaningful run, as one sentence, or None."""
-    positive = ("epoch", "batch", "tstBat", "tstEpoch", "topk", "steps", "d_emb_size", "latdim", "rebuild_k",
-                "embedding_size")
-    for name in positive:
+    """The first harness flag (or flag several models share) whose value cannot give a meaningful run, as one
+    sentence, or None. A model's own flags are checked by its `check` (DiffMM's: `Model.DiffMM.check`)."""
+    for name in ("epoch", "batch", "tstBat", "tstEpoch", "topk", "embedding_size"):
         if hasattr(args, name) and getattr(args, name) < 1:
             return f"--{name} must be at least 1, got {getattr(args, name)}"
-    for name in ("gnn_layer", "patience", "n_layers"):
+    for name in ("patience", "n_layers"):
         if hasattr(args, name) and getattr(args, name) < 0:
             return f"--{name} must be 0 or more, got {getattr(args, name)}"
     if args.lr < 0.0:
         return f"--lr must not be negative, got {args.lr}"
-    if args.model != "diffmm":
-        return None
-    if not 0 <= args.sampling_steps <= args.steps:
-        return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}"
-    if not 0.0 < args.keepRate <= 1.0:
-        return f"--keepRate must be in (0, 1] (the share of generated edges kept), got {args.keepRate}"
-    if not args.temp > 0.0:
-        return f"--temp must be positive (InfoNCE divides by it), got {args.temp}"
-    noise = (args.noise_scale, args.noise_min, args.noise_max)
-    if min(noise) < 0.0 or args.noise_scale * max(args.noise_min, args.noise_max) >= 1.0:
-        return (f"--noise_scale, --noise_min and --noise_max must be non-negative with noise_scale x noise_max "
-                f"below 1 (it is a variance), got {noise}")
     return None
+
+
+# the flags a resumed run takes: how long it goes on and how it runs here, none that changes what it computes
+RESUME_FLAGS = ("--resume", "--epoch", "--threads", "--quiet")
+
+
+def flag_of(argv: Sequence[str], name: str) -> Optional[str]:
+    """The value of flag `name` ('--config') in a command line, without parsing the rest."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument(name, default=None)
+    return getattr(pre.parse_known_args(list(argv))[0], name.lstrip("-"))
+
+
+def read_config_file(spec: str) -> Tuple[dict, Path]:
+    """The flags and values of `--config FILE|RUN_DIR` and the file they come from (a run folder's config.json,
+    or the configuration a run from before config.json saved); UsageError with one sentence otherwise."""
+    path = Path(spec)
+    if path.is_dir() and not (path / run_folder.CONFIG).is_file():
+        return run_folder.read_config(path), path
+    path = path / run_folder.CONFIG if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--config {spec}: no such file or run folder; give a run folder, its config.json, or a "
+                         f"JSON/YAML file of flags.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UsageError(f"reading {path} needs PyYAML (pip install pyyaml), or write it as JSON.") from None
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UsageError(f"{path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+    else:
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} must hold one mapping of flag names to values, such as {{\"lr\": 0.001}}.")
+    return config, path
+
+
+def config_argv(config: dict, path: Path, model: str) -> List[str]:
+    """The configuration as flags (`--name=value`, parsed by the same types as the command line), checked
+    against model `model`'s flags; a value None keeps the flag's default."""
+    known = {action.dest for action in build_parser(model)._actions if action.option_strings} - {"help"}
+    argv = []
+    for key, value in config.items():
+        name = str(key).lstrip("-")
+        if name not in known or name in ("config", "resume"):
+            raise UsageError(f"{path} has the key {key!r}, which is not a flag of {model} that a configuration can "
+                             f"set; remove it (python Main.py --model {model} --help lists the flags).")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        argv.append(f"--{name}={text}")
+    return argv
+
+
+def with_config(argv: List[str]) -> List[str]:
+    """`argv` with the flags of its `--config` put in front (so flags given beside it, parsed later, win)."""
+    spec = flag_of(argv, "--config")
+    if spec is None:
+        return argv
+    config, path = read_config_file(spec)
+    from Models import model_names
+
+    model = model_of(argv) if "--model" in argv or any(a.startswith("--model=") for a in argv) \
+        else str(config.get("model") or "diffmm")
+    if model not in model_names():
+        raise UsageError(f"{path} names the unknown model {model!r}; the known models are {', '.join(model_names())}")
+    return config_argv(config, path, model) + argv
+
+
+def refused_with_resume(argv: Sequence[str]) -> Optional[str]:
+    """One sentence when a command line gives --resume with a flag a resumed run cannot change, else None."""
+    if flag_of(argv, "--resume") is None:
+        return None
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    refused = list(dict.fromkeys(f for f in given if f not in RESUME_FLAGS))
+    if not refused:
+        return None
+    run = flag_of(argv, "--resume")
+    return (f"--resume continues the run in {run} with the configuration it started with, so it cannot take "
+            f"{', '.join(refused)} (it takes only {', '.join(RESUME_FLAGS[1:])}); to change that, start a new run "
+            f"from its configuration: python Main.py --config {run} {refused[0]} ...")
 
 
 def model_of(argv: Sequence[str]) -> str:
@@ -313,6 +257,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from Models import model_names
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    problem = refused_with_resume(argv)
+    if problem:
+        build_parser().error(problem)
+    try:
+        argv = with_config(argv)
+    except UsageError as e:
+        build_parser().error(str(e))
     argv, problem = expand_preset(argv)
     if problem:
         build_parser().error(problem)

@@ -7,6 +7,9 @@
     # any supported layout to any other (diffmm, mmrec, mmssl; Utils/formats.py)
     python prepare.py convert --data tiktok --data_dir ../shared/datasets --to mmrec --out Datasets/tiktok_mmrec
 
+    # your item texts and images to text_feat.npy / image_feat.npy of a folder written by `raw` (docs/features.md)
+    python prepare.py features --data mydata --items items.csv --text_cols title,description --images images/
+
 `raw`: duplicates (user, item) are kept once (the earliest when there is a timestamp); interactions
 of items without features in every given modality are dropped (`--missing_features zero` keeps them
 with zero features instead); then the k-core filter keeps users with at least `--min_user` and items
@@ -34,9 +37,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import Utils.openmp  # noqa: F401  (before torch loads: the OpenMP wait policy, for the features encoders)
 from DataHandler import feature_files, load_features
 from Utils.formats import LAYOUTS, DataError, detect_layout, read_splits, splits_from_triples, write_dataset
-from Utils.helpers import setup_logging
+from Utils import encoders
+from Utils.helpers import UsageError, parse_threads, setup_logging
 
 log = logging.getLogger("diffmm")
 
@@ -261,7 +266,77 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--format", default="auto", choices=("auto",) + LAYOUTS, help="layout of the input")
     conv.add_argument("--to", required=True, choices=LAYOUTS, help="layout of the output")
     conv.add_argument("--out", required=True, help="the new dataset folder (must not hold files)")
+    add_features_parser(commands)
     return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default (left out where it is None or False) and the description/epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_features_parser(commands: argparse._SubParsersAction) -> None:
+    """`features`: item texts and/or images to <modality>_feat.npy files (Utils/encoders.py, docs/features.md)."""
+    f = commands.add_parser(
+        "features", formatter_class=_HelpFormatter,
+        help="encode item texts (Sentence-BERT) and/or images (a CNN) into feature files of a dataset folder",
+        description="Encode your item texts and/or images into text_feat.npy / image_feat.npy of a dataset folder "
+                    "written by `prepare.py raw` (rows in the order of its item_ids.txt). Chunks are kept in a work "
+                    "folder beside the output, so a rerun after an interruption encodes only what is left; the "
+                    "feature file appears only when complete. See docs/features.md.",
+        epilog="example:\n  python prepare.py features --data mydata --items items.csv --id_col item_id \\\n"
+               "      --text_cols title,description --images images/ --device auto --dtype float16\n"
+               "  python prepare.py features --data mydata --images images/ --image_model resnet50 \\\n"
+               "      --missing_features drop --out Datasets/mydata_with_images")
+    f.add_argument("--data", required=True, help="dataset folder name under --data_dir (it must hold item_ids.txt)")
+    f.add_argument("--data_dir", default="Datasets", help="folder holding the dataset folder")
+    f.add_argument("--items", default=None, help="item table, CSV/TSV with a header: an id column and text columns "
+                                                   "-> text_feat.npy")
+    f.add_argument("--id_col", default="item", help="the item id column of --items (raw ids, as in item_ids.txt)")
+    f.add_argument("--text_cols", default=None, type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                   help="comma-separated text columns of --items, joined with spaces (default: every column but "
+                        "--id_col)")
+    f.add_argument("--images", default=None, help="folder of item images named <raw item id>.jpg|.png|... "
+                                                    "-> image_feat.npy")
+    f.add_argument("--text_model", default=encoders.DEFAULT_TEXT_MODEL,
+                   help="sentence-transformers model name or local folder (the released Baby/Sports text: "
+                        "stsb-roberta-large, 1024-d)")
+    f.add_argument("--image_model", default=encoders.DEFAULT_IMAGE_MODEL,
+                   help="torchvision architecture (alexnet: fc7, 4096-d, as the Amazon image features; resnet50: "
+                        "2048-d), or hf:<id> / a local folder for a Hugging Face transformers model")
+    f.add_argument("--image_weights", default="default",
+                   help="torchvision weights: default, a name (IMAGENET1K_V1), a state_dict file, or none (random, "
+                        "for tests)")
+    f.add_argument("--image_size", default=None, type=int,
+                   help="crop size of the images (default: the weights' own preprocessing, 224)")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the encoders run")
+    f.add_argument("--batch_size", default=64, type=int, help="items per forward pass")
+    f.add_argument("--chunk_size", default=2048, type=int, help="items per saved chunk (the unit of resuming)")
+    f.add_argument("--threads", default="auto", type=parse_threads, metavar="auto|N", help="CPU threads of torch")
+    f.add_argument("--workers", default=4, type=int, help="threads decoding images")
+    f.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the written files")
+    f.add_argument("--missing_features", default="zero", choices=list(encoders.MISSING_CHOICES),
+                   help="items without text/image: zero rows (as `raw --missing_features zero`), the mean row "
+                        "(LATTICE's choice for images), or drop them into a new dataset folder --out (as `raw`'s "
+                        "drop)")
+    f.add_argument("--out", default=None, help="the new dataset folder of --missing_features drop")
+    f.add_argument("--overwrite", action="store_true", help="replace existing <modality>_feat.npy files")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def features(args: argparse.Namespace) -> Dict[str, object]:
+    """The `features` command: the flags as a FeatureRequest for Utils/encoders.py."""
+    return encoders.build_features(encoders.FeatureRequest(
+        folder=Path(args.data_dir) / args.data, items=Path(args.items) if args.items else None, id_col=args.id_col,
+        text_cols=args.text_cols, images=Path(args.images) if args.images else None, text_model=args.text_model,
+        image_model=args.image_model, image_weights=args.image_weights, image_size=args.image_size,
+        device=args.device, batch_size=args.batch_size, chunk_size=args.chunk_size, threads=args.threads,
+        workers=args.workers, dtype=args.dtype, missing_features=args.missing_features,
+        out=Path(args.out) if args.out else None, overwrite=args.overwrite, progress=not args.quiet))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -271,10 +346,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("error: --split temporal needs the timestamp column (--time_col NAME).")
         return 2
     try:
-        report = prepare_raw(args) if args.command == "raw" else convert(args)
-    except DataError as e:
+        report = {"raw": prepare_raw, "convert": convert, "features": features}[args.command](args)
+    except (DataError, UsageError) as e:
         log.error(f"error: {e}")
         return 2
+    except KeyboardInterrupt:
+        if args.command != "features":
+            raise
+        log.error("interrupted: the finished chunks are kept; run the same command again to encode the rest.")
+        return 130
     for key, value in report.items():
         log.info(f"{key}: {value}")
     return 0

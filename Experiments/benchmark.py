@@ -95,12 +95,12 @@ def in_own_process(argv: List[str], epochs: int) -> dict:
 def table(models: List[str], precisions: List[str], argv: List[str], epochs: int, json_path: Optional[Path]) -> str:
     """The per-model epoch table (README, Performance): every model x precision in its own process, each model with
     its published command for the dataset where its authors give one (`--preset MODEL-DATA`), else its defaults."""
-    from Params import PRESETS
+    from Params import presets
 
     data = parse_args(argv).data
     rows, results = [], []
     for model in models:
-        command = ["--preset", f"{model}-{data}"] if f"{model}-{data}" in PRESETS else ["--model", model]
+        command = ["--preset", f"{model}-{data}"] if f"{model}-{data}" in presets() else ["--model", model]
         for precision in precisions:
             result = in_own_process(command + argv + ["--precision", precision], epochs)
             results.append(result)

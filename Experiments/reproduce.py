@@ -6,7 +6,7 @@
     python -m Experiments.reproduce --table 4 --data tiktok --seeds 421,422            # DiffMM's τ x λ1 grid
 
 Table 2 runs every registered model (or `--models`) on the dataset, each with its published command
-for that dataset where its authors give one (`--preset MODEL-DATA`, `Params.PRESETS`), else its defaults; with
+for that dataset where its authors give one (`--preset MODEL-DATA`, the class's `presets`), else its defaults; with
 `--tune`, each model's hyper-parameter grid (MMRec's, `Experiments.sweep --grid NAME`) is run and the
 cell selected on validation (`--select mmrec`: MMRec's test-selected rule). It writes `comparison.md`
 and `comparison.csv` (model x Recall/NDCG/Precision@K, mean ± sample std over seeds, both protocols,
@@ -26,62 +26,29 @@ import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch 
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from Model import DiffMM
+from Models import get_model, model_names
 
 log = logging.getLogger("diffmm")
 
 # paper Table 1: the modalities each dataset had
 PAPER_MODALITIES = {"tiktok": ["image", "text", "audio"], "baby": ["image", "text"], "sports": ["image", "text"]}
 
-# Published Recall@20, NDCG@20, Precision@20 and where they were published. DiffMM's Table 2: its MF-BPR ...
-# LATTICE rows equal MMSSL's table digit for digit (copied from MMSSL's runs, not re-run on DiffMM's files);
-# the MMSSL and MDMNS rows are each system's own (MMSSL's README; MDMNS's Table II, read off its figure).
-_DIFFMM_T2 = "DiffMM Table 2"
-PUBLISHED = {
-    "mf": {"tiktok": (0.0346, 0.0130, 0.0017), "baby": (0.0440, 0.0200, 0.0024), "sports": (0.0430, 0.0202, 0.0023)},
-    "lightgcn": {"tiktok": (0.0653, 0.0282, 0.0033), "baby": (0.0698, 0.0319, 0.0037),
-                 "sports": (0.0782, 0.0369, 0.0042)},
-    "diffrec": {"tiktok": (0.0708, 0.0317, 0.0035), "baby": (0.0717, 0.0334, 0.0038),
-                "sports": (0.0823, 0.0407, 0.0044)},
-    "vbpr": {"tiktok": (0.0380, 0.0134, 0.0018), "baby": (0.0486, 0.0213, 0.0026), "sports": (0.0582, 0.0265, 0.0031)},
-    "lattice": {"tiktok": (0.0843, 0.0367, 0.0042), "baby": (0.0829, 0.0368, 0.0044),
-                "sports": (0.0915, 0.0424, 0.0048)},
-    "bm3": {"tiktok": (0.0957, 0.0404, 0.0048), "baby": (0.0839, 0.0361, 0.0044), "sports": (0.0975, 0.0442, 0.0051)},
-    "diffmm": {"tiktok": (0.1129, 0.0456, 0.0056), "baby": (0.0975, 0.0411, 0.0051),
-               "sports": (0.1017, 0.0458, 0.0054)},
-    "mmssl": {"tiktok": (0.0921, 0.0392, 0.0046), "baby": (0.0962, 0.0422, 0.0051),
-              "sports": (0.0998, 0.0470, 0.0052)},
-    "mdmns": {"tiktok": (0.1193, 0.0525, 0.0060), "baby": (0.1009, 0.0433, 0.0053),
-              "sports": (0.1093, 0.0496, 0.0058)},
-}
-PUBLISHED_IN = {"mmssl": "MMSSL README", "mdmns": "MDMNS Table II"}
-# models DiffMM's paper does not have (no published number on its datasets)
-NOT_IN_PAPER = {"freedom": "not in DiffMM's paper", "lgmrec": "not in DiffMM's paper"}
-# paper Table 3: Recall@20, NDCG@20 per variant
-TABLE3 = {
-    "tiktok": {"no_cl": (0.1026, 0.0420), "no_dm": (0.1075, 0.0433), "no_msi": (0.1086, 0.0426), "none": (0.1129, 0.0456)},
-    "baby": {"no_cl": (0.0929, 0.0388), "no_dm": (0.0935, 0.0402), "no_msi": (0.0970, 0.0408), "none": (0.0975, 0.0411)},
-    "sports": {"no_cl": (0.0942, 0.0418), "no_dm": (0.0980, 0.0440), "no_msi": (0.0996, 0.0445), "none": (0.1017, 0.0458)},
-}
-# paper Table 4: Recall@20, NDCG@20 per (τ, λ1)
-_T4_KEYS = [(t, l) for t in (0.1, 0.5, 1.0) for l in (1.0, 0.1, 0.01)]
-TABLE4 = {
-    "tiktok": dict(zip(_T4_KEYS, [(0.0474, 0.0198), (0.0411, 0.0186), (0.0987, 0.0417), (0.0722, 0.0313),
-                                  (0.0849, 0.0373), (0.1129, 0.0456), (0.0740, 0.0323), (0.0983, 0.0410),
-                                  (0.1064, 0.0432)])),
-    "baby": dict(zip(_T4_KEYS, [(0.0722, 0.0309), (0.0871, 0.0372), (0.0933, 0.0393), (0.0924, 0.0399),
-                                (0.0975, 0.0411), (0.0944, 0.0393), (0.0959, 0.0400), (0.0956, 0.0401),
-                                (0.0940, 0.0389)])),
-    "sports": dict(zip(_T4_KEYS, [(0.0828, 0.0364), (0.0945, 0.0421), (0.1017, 0.0458), (0.0955, 0.0425),
-                                  (0.0996, 0.0441), (0.0956, 0.0427), (0.0971, 0.0431), (0.0961, 0.0426),
-                                  (0.0943, 0.0422)])),
-}
+# Published Recall@20, NDCG@20, Precision@20 and where they were printed live on each model's class (`published`,
+# `published_in`), DiffMM's Tables 3 and 4 on DiffMM's (`published_ablations`, `published_temp_ssl`).
+# DiffMM's Table 2: its MF-BPR ... LATTICE rows equal MMSSL's table digit for digit (copied from MMSSL's runs, not
+# re-run on DiffMM's files); the MMSSL and MDMNS rows are each system's own.
+PUBLISHED = {name: get_model(name).published for name in model_names() if get_model(name).published}
+PUBLISHED_IN = {name: get_model(name).published_in for name in model_names()}
+TABLE3 = DiffMM.published_ablations
+TABLE4 = DiffMM.published_temp_ssl
 GRIDS = {
     3: {"ablation": ["none", "no_cl", "no_msi", "no_dm"]},
     4: {"temp": ["0.1", "0.5", "1.0"], "ssl_reg": ["1", "0.1", "0.01"]},
@@ -110,7 +77,9 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def _summaries(run_dirs: Sequence[Path]) -> List[dict]:
-    return [json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs]
+    from Utils import run_folder
+
+    return [run_folder.read_summary(d) for d in run_dirs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +93,7 @@ def table2_sweeps(data: str, data_dir: Path, models: Sequence[str], epoch: Optio
     Table 2 and its workers (`Experiments.workers`), so that both make the same runs."""
     from Experiments.sweep import preset
     from Models import get_model
-    from Params import PRESETS
+    from Params import presets
 
     found, _ = modality_note(data, data_dir / data)
     out: Dict[str, object] = {}
@@ -133,7 +102,7 @@ def table2_sweeps(data: str, data_dir: Path, models: Sequence[str], epoch: Optio
             out[model] = f"skipped: {model} needs item features and {data} has no <modality>_feat.npy"
             continue
         base = ["--data", data, "--data_dir", str(data_dir), "--model", model]
-        base += ["--preset", f"{model}-{data}"] if f"{model}-{data}" in PRESETS else []
+        base += ["--preset", f"{model}-{data}"] if f"{model}-{data}" in presets() else []
         base += (["--epoch", str(epoch)] if epoch is not None else []) + list(rest)
         out[model] = (preset(model) if tune and get_model(model).grid else {}, base)
     return out
@@ -161,8 +130,66 @@ def table2(data: str, data_dir: Path, models: Sequence[str], seeds: Sequence[int
     return out
 
 
+# Display names and row order of Table 2 (the paper's column order, then the models it lacks, DiffMM last).
+DISPLAY = {"mf": "MF-BPR", "lightgcn": "LightGCN", "diffrec": "DiffRec", "vbpr": "VBPR", "lattice": "LATTICE",
+           "bm3": "BM3", "freedom": "FREEDOM", "lgmrec": "LGMRec", "mmssl": "MMSSL", "mdmns": "MDMNS",
+           "pop": "popularity", "diffmm": "DiffMM"}
+DATASET_NAMES = {"tiktok": "TikTok", "baby": "Amazon-Baby", "sports": "Amazon-Sports"}
+REFERENCE = "diffmm"  # the model every other one is compared with, as in the paper
+ALPHA = 0.05          # a cell is marked where p < ALPHA
+PROTOCOLS = ("paper", "validation")
+TESTS = {"ttest": ("*", "$^{*}$"), "wilcoxon": ("†", "$^{\\dagger}$")}  # its mark in comparison.md, .tex
+
+
+def improvement(ours: float, best_other: float) -> float:
+    """Relative improvement in percent, (ours − best other) / best other × 100.
+
+    DiffMM's Table 2 prints no "Improv." (it ends with a p-value column); this is how its lab's MMSSL table
+    computes its "Improv." row (MMSSL's README: TikTok R@20 8.99% = (0.0921 − 0.0845) / 0.0845, MMSSL over
+    its best baseline, SLMRec).
+    """
+    return (ours - best_other) / best_other * 100.0
+
+
+def paired_t_p(ours: Sequence[float], other: Sequence[float]) -> Optional[float]:
+    """Two-sided paired t-test over seeds (scipy.stats.ttest_rel): t = mean(d) / (sd(d) / √n), d = ours − other
+    per seed, n − 1 degrees of freedom. None with fewer than two pairs, or when every difference is the same up to
+    rounding (sd(d) = 0: t is undefined)."""
+    d = np.asarray(ours, dtype=float) - np.asarray(other, dtype=float)
+    if len(d) < 2 or np.ptp(d) <= 1e-9 * np.abs(d).max():  # equal up to rounding (0.3 − 0.2 ≠ 0.2 − 0.1)
+        return None
+    from scipy import stats
+
+    return float(stats.ttest_rel(ours, other).pvalue)
+
+
+def wilcoxon_p(ours: np.ndarray, other: np.ndarray) -> Optional[float]:
+    """Two-sided Wilcoxon signed-rank test over paired per-user values (scipy.stats.wilcoxon; pairs with equal
+    values are dropped, its default zero_method 'wilcox'). None when every pair is equal."""
+    d = np.asarray(ours, dtype=float) - np.asarray(other, dtype=float)
+    if not np.any(d != 0):
+        return None
+    from scipy import stats
+
+    return float(stats.wilcoxon(ours, other).pvalue)
+
+
+def _key(protocol: str, metric: str, k: int) -> str:
+    return f"{protocol}_protocol_{metric}@{k}"
+
+
+def _per_user(run_dir: Path, protocol: str) -> Optional[Dict[str, np.ndarray]]:
+    """The run's per-user test metrics at its protocol's epoch in summary.json; None for a run from before
+    per_user_<protocol>.npz existed, or a file of another epoch."""
+    from Utils import run_folder
+
+    arrays = run_folder.read_per_user(run_dir, protocol)
+    chosen = (_summaries([run_dir])[0]["protocols"][protocol] or {}).get("epoch")
+    return arrays if arrays is not None and arrays["epoch"] == chosen else None
+
+
 def table2_rows(data: str, results: Dict[str, object]) -> List[dict]:
-    """One row per model that ran: the paper's numbers and ours (mean, std over seeds) under both protocols."""
+    """One row per model that ran: the paper's numbers and ours (per seed, in seed order) under both protocols."""
     rows = []
     for model, result in results.items():
         if isinstance(result, str):
@@ -170,60 +197,273 @@ def table2_rows(data: str, results: Dict[str, object]) -> List[dict]:
         summaries = _summaries(result["runs"])
         k = summaries[0]["config"]["topk"]
         row: dict = {"model": model, "setting": result["setting"], "seeds": len(summaries), "k": k,
+                     "seed_list": [int(s["config"]["seed"]) for s in summaries],
                      "epochs_run": float(np.mean([s["epochs_run"] for s in summaries])),
                      "seconds_per_epoch": float(np.mean([np.median([e["epoch"] for e in s["timing"]["per_epoch"]])
                                                          for s in summaries]))}
         paper = PUBLISHED.get(model, {}).get(data)
-        row["published_in"] = (PUBLISHED_IN.get(model, _DIFFMM_T2) if paper
-                               else NOT_IN_PAPER.get(model, "no published number"))
+        # where the number was printed; without one, why (a model DiffMM's paper lacks, or a dataset no paper has)
+        row["published_in"] = PUBLISHED_IN[model] if paper or model not in PUBLISHED else "no published number"
         for metric, value in zip(METRICS, paper or (None,) * 3):
             row[f"published_{metric}@20"] = value
-        for protocol in ("paper", "validation"):
+        for protocol in PROTOCOLS:
             for metric in METRICS:
-                values = [s["protocols"][protocol]["test"][f"{metric}@{k}"] for s in summaries]
-                row[f"{protocol}_protocol_{metric}@{k}"] = values
+                row[_key(protocol, metric, k)] = [s["protocols"][protocol]["test"][f"{metric}@{k}"] for s in summaries]
         rows.append(row)
     return rows
 
 
+def table2_stats(data: str, rows: List[dict], runs: Dict[str, Sequence[Path]], reference: str = REFERENCE
+                 ) -> List[str]:
+    """Add to `rows` (in place) the reference model's comparison with every other model, per protocol and metric
+    (`runs`: each model's run folders, in its rows' seed order):
+
+    - on every other row, `<key>_ttest_p` (`paired_t_p` over the seeds both ran) and `<key>_wilcoxon_p`
+      (`wilcoxon_p` over the test users of the reference's first seed, from per_user_<protocol>.npz), None where
+      a test cannot be made;
+    - on the reference row, `<key>_improv_pct` (`improvement` of its mean over the best other model's mean) and
+      `<key>_best_other`; the same for its published numbers on `data`, over every other model published in the
+      same table (PUBLISHED, whether it ran or not).
+
+    Returns one note per test that could not be made."""
+    ref = next((row for row in rows if row["model"] == reference), None)
+    if ref is None:
+        return [f"{reference} did not run: no Improv. and no tests."]
+    k, notes = ref["k"], []
+    others = [row for row in rows if row["model"] != reference]
+    first_seed = ref["seed_list"][0]
+    mine = {p: _per_user(runs[reference][0], p) for p in PROTOCOLS}
+    for row in others:
+        paired = first_seed in row["seed_list"]
+        run_dir = runs[row["model"]][row["seed_list"].index(first_seed)] if paired else None
+        for protocol in PROTOCOLS:
+            theirs = _per_user(run_dir, protocol) if paired else None
+            if mine[protocol] is not None and theirs is not None:
+                common, i, j = np.intersect1d(mine[protocol]["users"], theirs["users"], return_indices=True)
+            else:
+                notes.append(f"no Wilcoxon test of {reference} against {row['model']} ({protocol} protocol): no "
+                             f"per-user test metrics at the protocol's epoch of seed {first_seed} for both "
+                             f"(per_user_{protocol}.npz; runs from before it have none)")
+            for metric in METRICS:
+                key = _key(protocol, metric, k)
+                theirs_by_seed = dict(zip(row["seed_list"], row[key]))
+                seeds = [s for s in ref["seed_list"] if s in theirs_by_seed]
+                row[f"{key}_ttest_p"] = paired_t_p([dict(zip(ref["seed_list"], ref[key]))[s] for s in seeds],
+                                                   [theirs_by_seed[s] for s in seeds])
+                row[f"{key}_wilcoxon_p"] = (wilcoxon_p(mine[protocol][f"{metric}@{k}"][i], theirs[f"{metric}@{k}"][j])
+                                            if mine[protocol] is not None and theirs is not None else None)
+    for protocol in PROTOCOLS:
+        for metric in METRICS:
+            key = _key(protocol, metric, k)
+            best = max(others, key=lambda row: np.mean(row[key]), default=None)
+            ref[f"{key}_best_other"] = best["model"] if best else None
+            ref[f"{key}_improv_pct"] = improvement(np.mean(ref[key]), np.mean(best[key])) if best else None
+    same_table = {model: values[data] for model, values in PUBLISHED.items() if model != reference
+                  and data in values and PUBLISHED_IN[model] == PUBLISHED_IN[reference]}
+    for j, metric in enumerate(METRICS):
+        key = f"published_{metric}@20"
+        best = max(same_table, key=lambda model: same_table[model][j], default=None) if ref[key] is not None \
+            else None
+        ref[f"{key}_best_other"] = best
+        ref[f"{key}_improv_pct"] = improvement(ref[key], same_table[best][j]) if best else None
+    return notes
+
+
+def _p(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2g}"
+
+
+def _marks(row: dict, key: str, tex: bool = False) -> str:
+    """The marks of the tests by which the reference model differs from this row's model (p < ALPHA)."""
+    return "".join(marks[tex] for test, marks in TESTS.items()
+                   if row.get(f"{key}_{test}_p") is not None and row[f"{key}_{test}_p"] < ALPHA)
+
+
+def _tex_escape(text: str) -> str:
+    """Plain text as LaTeX that pdflatex reads without a Unicode package: its special characters escaped, the
+    symbols of our notes spelled in math mode, any other non-ASCII character reduced to its ASCII base."""
+    import unicodedata
+
+    for a, b in (("\\", "\0"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"), ("$", "\\$"),
+                 ("{", "\\{"), ("}", "\\}"), ("~", "\\~{}"), ("^", "\\^{}"), ("<", "$<$"), (">", "$>$"),
+                 ("±", "$\\pm$"), ("†", "$\\dagger$"), ("×", "$\\times$"), ("−", "$-$"), ("—", "---"),
+                 ("–", "--"),
+                 ("≤", "$\\leq$"), ("≥", "$\\geq$"), ("≠", "$\\neq$"), ("τ", "$\\tau$"), ("λ", "$\\lambda$"),
+                 ("·", "$\\cdot$")):
+        text = text.replace(a, b)
+    text = text.replace("\0", "\\textbackslash{}")  # last: its braces are not to be escaped
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
+def _ranks(values: Dict[str, Optional[float]]) -> Dict[str, str]:
+    """'best' / 'second' / '' per model by the value as printed (4 decimals), ties sharing a rank."""
+    shown = {name: round(v, 4) for name, v in values.items() if v is not None}
+    levels = sorted(set(shown.values()), reverse=True)
+    return {name: "best" if v == levels[0] else "second" if len(levels) > 1 and v == levels[1] else ""
+            for name, v in shown.items()}
+
+
+def _ours_cell(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.4f}" + (f"$\\pm${np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+
+
+def table2_tex(tables: Dict[str, List[dict]], caption: str) -> str:
+    """comparison.tex: Table 2 in the paper's style, a document that plain pdflatex compiles (article, graphicx).
+
+    Models as rows (the paper's order, DiffMM last), datasets x Recall/NDCG/Precision@K as columns, in three
+    blocks: ours under the validation protocol, ours under the paper's protocol (mean ± sample std over seeds),
+    the published numbers. In each block and column the best value as printed is bold and the second underlined;
+    a baseline's cell of ours is marked * / † where DiffMM differs from it (paired t-test over seeds / Wilcoxon
+    signed-rank test over users, p < ALPHA); each block ends with DiffMM's Improv. over the best other model
+    (`improvement`), and ours with the paired t-test's p-value against that model (the paper's p-val. column).
+    `tables`: each dataset's rows after `table2_stats`.
+    """
+    datasets = list(tables)
+    k = next((rows[0]["k"] for rows in tables.values() if rows), 20)
+    order = {m: i for i, m in enumerate(DISPLAY)}
+    models = sorted({row["model"] for rows in tables.values() for row in rows},
+                    key=lambda m: (m == REFERENCE, order.get(m, len(order)), m))
+    by = {data: {row["model"]: row for row in rows} for data, rows in tables.items()}
+    columns = [(d, m) for d in datasets for m in METRICS]
+    width = 1 + len(columns)
+
+    def block(title: str, key: Callable[[str], str], published: bool) -> List[str]:
+        """One block; `key(metric)`: the rows' field (a list over seeds for ours, a number for published)."""
+        def value(row: Optional[dict], m: str) -> Optional[float]:
+            if row is None or row.get(key(m)) is None:
+                return None
+            return float(row[key(m)]) if published else float(np.mean(row[key(m)]))
+
+        ranks = {(d, m): _ranks({model: value(row, m) for model, row in by[d].items()}) for d, m in columns}
+        lines = [f"\\multicolumn{{{width}}}{{l}}{{\\textit{{{_tex_escape(title)}}}}} \\\\", "\\hline"]
+        for model in models:
+            cells = []
+            for d, m in columns:
+                row = by[d].get(model)
+                if value(row, m) is None:
+                    cells.append("--")
+                    continue
+                text = f"{row[key(m)]:.4f}" if published else _ours_cell(row[key(m)])
+                rank = ranks[(d, m)][model]
+                text = f"\\textbf{{{text}}}" if rank == "best" else f"\\underline{{{text}}}" if rank else text
+                cells.append(text + ("" if published else _marks(row, key(m), tex=True)))
+            if any(c != "--" for c in cells):
+                lines.append(" & ".join([_tex_escape(DISPLAY.get(model, model))] + cells) + " \\\\")
+        lines.append("\\hline")
+        improv, pvals = [], []
+        for d, m in columns:
+            ref = by[d].get(REFERENCE) or {}
+            pct = ref.get(f"{key(m)}_improv_pct")
+            improv.append("--" if pct is None else f"{pct:+.2f}\\%")
+            best = by[d].get(ref.get(f"{key(m)}_best_other")) or {}
+            p = best.get(f"{key(m)}_ttest_p")
+            pvals.append("--" if p is None else f"{p:.1e}")
+        lines.append(" & ".join(["Improv."] + improv) + " \\\\")
+        if not published:
+            lines.append(" & ".join(["p-value"] + pvals) + " \\\\")
+        return lines + ["\\hline"]
+
+    seeds = "/".join(map(str, sorted({row["seeds"] for rows in tables.values() for row in rows})))
+    header = [f"\\multicolumn{{3}}{{c{'|' if i < len(datasets) - 1 else ''}}}{{{_tex_escape(DATASET_NAMES.get(d, d))}}}"
+              for i, d in enumerate(datasets)]
+    lines = ["\\documentclass{article}", "\\usepackage{graphicx}", "\\begin{document}", "\\begin{table}[t]",
+             "\\centering", f"\\caption{{{_tex_escape(caption)}}}", "\\label{tab:table2}",
+             "\\resizebox{\\ifdim\\width>\\textwidth\\textwidth\\else\\width\\fi}{!}{%",
+             "\\begin{tabular}{l" + "|ccc" * len(datasets) + "}", "\\hline",
+             " & ".join(["Dataset"] + header) + " \\\\",
+             " & ".join(["Model"] + [f"{m}@{k}" for _, m in columns]) + " \\\\", "\\hline"]
+    # short block titles: a title row wider than the numbers below it would stretch the last column
+    lines += block(f"Ours, validation protocol ({seeds} seeds)", lambda m: _key("validation", m, k), False)
+    lines += block(f"Ours, paper protocol ({seeds} seeds)", lambda m: _key("paper", m, k), False)
+    lines += block("Published", lambda m: f"published_{m}@20", True)
+    lines += ["\\end{tabular}}", "\\end{table}", "\\end{document}", ""]
+    return "\n".join(lines)
+
+
 def write_table2(data: str, note: str, results: Dict[str, object], sweep_dir: Path) -> str:
-    """comparison.md (returned) and comparison.csv, and groups.png (Figure 2) in sweep_dir."""
+    """comparison.md (returned), comparison.csv, comparison.tex and groups.png (Figure 2) in sweep_dir."""
     from Utils.figures import model_group_bars
 
     rows = table2_rows(data, results)
+    runs = {row["model"]: results[row["model"]]["runs"] for row in rows}
+    notes = table2_stats(data, rows, runs)
     k = rows[0]["k"] if rows else 20
+    ref = next((row for row in rows if row["model"] == REFERENCE), None)
+    first_seed = ref["seed_list"][0] if ref else None
     header = (["model", "setting", "seeds", "epochs run", "s/epoch (median)", "published in"]
               + [f"published {m}@20" for m in METRICS]
-              + [f"ours {m}@{k} (paper protocol)" for m in METRICS]
-              + [f"ours {m}@{k} (validation protocol)" for m in METRICS])
+              + [f"ours {m}@{k} ({p} protocol)" for p in PROTOCOLS for m in METRICS])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["model"], row["setting"], str(row["seeds"]), f"{row['epochs_run']:.0f}",
                  f"{row['seconds_per_epoch']:.2f}", row["published_in"]]
         cells += [f"{row[f'published_{m}@20']:.4f}" if row[f"published_{m}@20"] is not None else "—"
                   for m in METRICS]
-        cells += [_mean_std(row[f"{p}_protocol_{m}@{k}"]) for p in ("paper", "validation") for m in METRICS]
+        cells += [_mean_std(row[_key(p, m, k)]) + (" " + _marks(row, _key(p, m, k))).rstrip()
+                  for p in PROTOCOLS for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
+    text = [f"Paper Table 2 on {data}: the published numbers (each on the authors' full-feature data) beside ours "
+            f"(mean ± sample std over seeds; the value alone for one seed).", f"Note: {note}", ""] + lines
+    if ref is not None:
+        text += ["", f"Marks: {REFERENCE} differs from that model (two-sided, p < {ALPHA}) by * a paired t-test over "
+                 f"the seeds, † a Wilcoxon signed-rank test over the test users' per-user metric of seed "
+                 f"{first_seed}."
+                 f" Improv.: ({REFERENCE} − best other) / best other (its mean over seeds; published: over every "
+                 f"other model of {ref['published_in']} held here).", "",
+                 "| Improv. | " + " | ".join(f"{m}@{k}" for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for label, prefix in [(f"ours, {p} protocol", _key(p, "{m}", k)) for p in PROTOCOLS] + \
+                [(f"published ({ref['published_in']})", "published_{m}@20")]:
+            cells = []
+            for m in METRICS:
+                key = prefix.format(m=m)
+                pct, best = ref.get(f"{key}_improv_pct"), ref.get(f"{key}_best_other")
+                cells.append("—" if pct is None else f"{pct:+.2f}% over {best}")
+            text.append(f"| {label} | " + " | ".join(cells) + " |")
+        text += ["", f"p-values of {REFERENCE} against each model (t: paired t-test over seeds; W: Wilcoxon "
+                     f"signed-rank over test users, seed {first_seed}):", "",
+                 "| model | " + " | ".join(f"{m}@{k} {p} protocol (t / W)" for p in PROTOCOLS for m in METRICS)
+                 + " |", "|---|" + "---|" * (2 * len(METRICS))]
+        for row in rows:
+            if row is not ref:
+                text.append(f"| {row['model']} | " + " | ".join(
+                    f"{_p(row[f'{_key(p, m, k)}_ttest_p'])} / {_p(row[f'{_key(p, m, k)}_wilcoxon_p'])}"
+                    for p in PROTOCOLS for m in METRICS) + " |")
     skipped = [f"- {model}: {why}" for model, why in results.items() if isinstance(why, str)]
-    text = "\n".join([f"Paper Table 2 on {data}: the published numbers (each on the authors' full-feature data) beside ours "
-                      f"(mean ± sample std over seeds; the value alone for one seed).", f"Note: {note}", ""]
-                     + lines + ([""] + skipped if skipped else []) + [""])
+    text += ([""] + skipped if skipped else []) + ([""] + [f"- {n}" for n in notes] if notes else []) + [""]
+    text = "\n".join(text)
     (sweep_dir / "comparison.md").write_text(text)
+
+    stats = [(p, m, stat) for p in PROTOCOLS for m in METRICS
+             for stat in ("mean", "std", "values", "ttest_p", "wilcoxon_p", "improv_pct", "best_other")]
     with open(sweep_dir / "comparison.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "setting", "seeds", "epochs_run", "seconds_per_epoch", "published_in"]
-                        + [f"published_{m}@20" for m in METRICS]
-                        + [f"{p}_protocol_{m}@{k}_{stat}" for p in ("paper", "validation") for m in METRICS
-                           for stat in ("mean", "std")])
+        writer.writerow(["model", "setting", "seeds", "seed_list", "epochs_run", "seconds_per_epoch", "published_in"]
+                        + [f"published_{m}@20{suffix}" for m in METRICS
+                           for suffix in ("", "_improv_pct", "_best_other")]
+                        + [f"{_key(p, m, k)}_{stat}" for p, m, stat in stats])
         for row in rows:
-            stats = []
-            for p in ("paper", "validation"):
-                for m in METRICS:
-                    values = row[f"{p}_protocol_{m}@{k}"]
-                    stats += [np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0]
-            writer.writerow([row["model"], row["setting"], row["seeds"], row["epochs_run"], row["seconds_per_epoch"],
-                             row["published_in"]] + [row[f"published_{m}@20"] for m in METRICS] + stats)
+            out = [row["model"], row["setting"], row["seeds"], ";".join(map(str, row["seed_list"])), row["epochs_run"],
+                   row["seconds_per_epoch"], row["published_in"]]
+            out += [row.get(f"published_{m}@20{suffix}") for m in METRICS for suffix in ("", "_improv_pct",
+                                                                                           "_best_other")]
+            for p, m, stat in stats:
+                values = row[_key(p, m, k)]
+                out.append(np.mean(values) if stat == "mean" else
+                           (np.std(values, ddof=1) if len(values) > 1 else 0.0) if stat == "std" else
+                           ";".join(repr(float(v)) for v in values) if stat == "values" else
+                           row.get(f"{_key(p, m, k)}_{stat}"))
+            writer.writerow(["" if v is None else v for v in out])
     if rows:
+        seeds = ",".join(map(str, ref["seed_list"] if ref else rows[0]["seed_list"]))
+        caption = (f"Table 2 on {DATASET_NAMES.get(data, data)} (seeds {seeds}): Recall, NDCG and Precision@{k}, "
+                   f"all-rank. Ours: mean ± "
+                   f"sample std over seeds, under the validation protocol (test at the epoch of the best validation "
+                   f"Recall) and the paper's (the epoch of the best test Recall). Published: DiffMM's Table 2 (MMSSL: "
+                   f"its README; MDMNS: its Table II). Best in bold, second underlined, per block and column. * / †: "
+                   f"DiffMM differs from that model, p < {ALPHA} (two-sided paired t-test over seeds / Wilcoxon "
+                   f"signed-rank test over the test users of seed {first_seed}); p-value: the t-test against the best "
+                   f"other model; Improv.: (DiffMM − best other) / best other. {note}")
+        (sweep_dir / "comparison.tex").write_text(table2_tex({data: rows}, caption))
         model_group_bars({row["model"]: results[row["model"]]["runs"][0] for row in rows}, sweep_dir / "groups.png")
     return text
 

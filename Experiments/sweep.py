@@ -13,7 +13,7 @@ skipped and an interrupted one is resumed from its last.pt (`Main.py --resume`),
 continues where it stopped; a folder without last.pt is redone. Then
 DIR/table.md and DIR/table.csv give, per cell, the mean ± std over seeds (sample std; in the CSV 0 for one
 seed) of the validation protocol's test Recall/NDCG/Precision@topk and validation Recall@topk, and
-DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise). The selected
+DIR/sweep.png draws them (lines for one swept flag, a heatmap for two, bars otherwise; none for one cell). The selected
 cell is the one with the best mean validation Recall@topk (`--select mmrec`: MMRec's rule, the best
 mean test Recall@topk at the best-validation epoch, which selects on test). A sweep's runs get
 `--keep_last false` unless it is given (a finished run drops its last.pt).
@@ -29,7 +29,6 @@ import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch 
 import argparse
 import csv
 import itertools
-import json
 import logging
 import shutil
 import sys
@@ -117,11 +116,9 @@ def run_argv(base_argv: Sequence[str], cell: Dict[str, str], seed: int, sweep_di
 
 def finished_summary(run_dir: Path) -> Optional[dict]:
     """The summary of a finished run (its epochs, early-stopped or pruned; not `stopped`), else None."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return None if "stopped" in summary else summary
+    from Utils import run_folder
+
+    return run_folder.finished_summary(run_dir)
 
 
 def run_cell(args: argparse.Namespace, run_dir: Path, label: str = "",
@@ -129,8 +126,9 @@ def run_cell(args: argparse.Namespace, run_dir: Path, label: str = "",
     """Train one run of a sweep through Main.run: resumed from its last.pt when there is one (an interrupted
     run), else from scratch (a folder without last.pt holds no epoch to keep, so it is removed first)."""
     import Main
+    from Utils import run_folder
 
-    if (run_dir / "last.pt").is_file():  # an interrupted run: continue it from its last epoch
+    if run_folder.has_last(run_dir):  # an interrupted run: continue it from its last epoch
         log.info(f"{label}resuming {run_dir}")
         return Main.run(argparse.Namespace(**dict(vars(args), resume=str(run_dir))), on_epoch=on_epoch)
     if run_dir.exists():
@@ -186,13 +184,15 @@ def summarise(sweep_dir: Path, grid: Dict[str, List[str]], seeds: Sequence[int],
     """One row per cell (of the grid, or `cell_list`: a search's cells): flag values, seeds, K, and mean/std over
     seeds of the validation protocol's metrics; `pruned` when a run of the cell was pruned (--prune), whose
     later seeds (--search tpe) may not have run."""
+    from Utils import run_folder
+
     rows = []
     for cell in cell_list if cell_list is not None else cells(grid):
-        paths = [run_dir_of(sweep_dir, cell, s) / "summary.json" for s in seeds]
-        summaries = [json.loads(path.read_text()) for path in paths if path.is_file()]
+        run_dirs = [run_dir_of(sweep_dir, cell, s) for s in seeds]
+        summaries = [run_folder.read_summary(d) for d in run_dirs if (d / run_folder.SUMMARY).is_file()]
         pruned = any("pruned" in s for s in summaries)
         if not pruned:  # every seed's run is there (a missing one fails here, as it always did)
-            summaries = [json.loads(path.read_text()) for path in paths]
+            summaries = [run_folder.read_summary(d) for d in run_dirs]
         k = summaries[0]["config"]["topk"]
         row: dict = dict(cell)
         if pruned:
@@ -211,7 +211,7 @@ def summarise(sweep_dir: Path, grid: Dict[str, List[str]], seeds: Sequence[int],
 
 def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path, selected: Optional[dict] = None,
                  select: str = "validation") -> List[Path]:
-    """table.csv (every number), table.md (mean ± std) and sweep.png in sweep_dir."""
+    """table.csv (every number), table.md (mean ± std) and, for two cells or more, sweep.png in sweep_dir."""
     from Utils.figures import sweep_figure
 
     sweep_dir = Path(sweep_dir)
@@ -244,7 +244,7 @@ def write_tables(rows: List[dict], flags: List[str], sweep_dir: Path, selected: 
         lines += ["", f"Selected ({rule}@{k}): " + " ".join(f"{f}={selected[f]}" for f in flags)]
     (sweep_dir / "table.md").write_text("\n".join(lines) + "\n")
     written = [sweep_dir / "table.md", sweep_dir / "table.csv"]
-    if rows:
+    if len(rows) > 1:  # one cell (Table 2's runs of a model without --tune) has nothing to draw beyond table.md
         written.append(sweep_figure(rows, flags, k, sweep_dir / "sweep.png"))
     return written
 

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from DataHandler import Data, device_batches, sample_negatives, train_pairs, user_batches
+from Utils.flags import float_pair
 from Utils.helpers import PhaseTimer
 from Utils.metrics import Scorer, dot_scorer
 
@@ -38,6 +39,12 @@ class RecModel(nn.Module):
     loss_phases: ClassVar[Dict[str, str]] = {"loss": "recommender"}
     defaults: ClassVar[Dict[str, object]] = {}  # harness flags whose default differs for this model
     grid: ClassVar[Dict[str, list]] = {}        # its hyper-parameter grid: `Experiments.sweep --grid NAME`
+    # its authors' published commands: dataset -> flags, run as `--preset NAME-DATASET` (Params.presets)
+    presets: ClassVar[Dict[str, List[str]]] = {}
+    # published test Recall@20, NDCG@20, Precision@20 per dataset (Table 2 of `Experiments.reproduce`), and
+    # where they were printed (or, without numbers, why there are none)
+    published: ClassVar[Dict[str, Tuple[float, float, float]]] = {}
+    published_in: ClassVar[str] = "no published number"
 
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__()
@@ -72,6 +79,15 @@ class RecModel(nn.Module):
         """
         return dot_scorer(*self.embeddings())
 
+    def vectors(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """User and item vectors whose dot product is the model's score (`api.Run.user_vectors`), or None for a
+        model that scores otherwise. The default: `embeddings()` when the model keeps the default `scorer`, which
+        ranks by exactly that product; None when it overrides `scorer` (DiffRec's denoised rows have no vectors).
+        Called in eval mode, without gradients; a model whose vectors differ from `embeddings()` overrides this."""
+        if type(self).scorer is not RecModel.scorer:
+            return None
+        return self.embeddings()
+
     def checkpoint_state(self) -> dict:
         """What `best_model.pt` holds besides the epoch, the model's name and the configuration."""
         return {"state_dict": self.state_dict()}
@@ -80,8 +96,8 @@ class RecModel(nn.Module):
         self.load_state_dict(state["state_dict"])
 
     def training_state(self) -> dict:
-        """What resuming needs: `checkpoint_state()` plus the state of every optimiser, LR scheduler and
-        numpy Generator the model holds as an attribute (or as the values of a dict attribute)."""
+        """What resuming needs: `checkpoint_state()` plus the state of every optimiser, LR scheduler, numpy and
+        torch random Generator the model holds as an attribute (or as the values of a dict attribute)."""
         return {"checkpoint": self.checkpoint_state(),
                 "stateful": {name: _state_of(value) for name, value in self._stateful()}}
 
@@ -114,7 +130,8 @@ class RecModel(nn.Module):
 
 
 def _is_stateful(value: object) -> bool:
-    return isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, np.random.Generator))
+    return isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, np.random.Generator,
+                              torch.Generator))
 
 
 def _state_of(value):
@@ -122,6 +139,8 @@ def _state_of(value):
         return {k: _state_of(v) for k, v in value.items()}
     if isinstance(value, np.random.Generator):
         return value.bit_generator.state
+    if isinstance(value, torch.Generator):
+        return value.get_state()
     return value.state_dict()
 
 
@@ -131,6 +150,8 @@ def _load_state(value, state) -> None:
             _load_state(v, state[k])
     elif isinstance(value, np.random.Generator):
         value.bit_generator.state = state
+    elif isinstance(value, torch.Generator):
+        value.set_state(state)
     else:
         value.load_state_dict(state)
 
@@ -149,19 +170,9 @@ def add_pairwise_args(group: argparse._ArgumentGroup, reg_weight: float = 1e-4) 
     group.add_argument("--embedding_size", default=64, type=int, help="d: embedding size")
     group.add_argument("--reg_weight", default=reg_weight, type=float,
                        help="λ: weight of the regulariser (a point of MMRec's grid: `Experiments.sweep --grid MODEL`)")
-    group.add_argument("--learning_rate_scheduler", default=[1.0, 50.0], type=_float_pair,
+    group.add_argument("--learning_rate_scheduler", default=[1.0, 50.0], type=float_pair,
                        help="γ,s: the learning rate is multiplied by γ^(epoch/s), stepped once per epoch "
                             "(MMRec; 1.0,50 = constant)")
-
-
-def _float_pair(text: str) -> list:
-    try:
-        values = [float(v) for v in text.strip("[]() ").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 2 or values[1] <= 0:
-        raise argparse.ArgumentTypeError(f"expected two numbers γ,s with s > 0, such as 1.0,50, got {text!r}")
-    return values
 
 
 class PairwiseModel(RecModel):

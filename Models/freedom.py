@@ -32,11 +32,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from DataHandler import symmetric_graph
 from Models.base import PairwiseModel, add_pairwise_args, trainable_features
-from Params import float_list
+from Utils.flags import float_list
+from Utils.graphs import (coalesce, cosine_topk, edge_inverse_sqrt_degrees, knn_coo, symmetric_edge_graph,
+                          symmetric_graph, symnorm, to_scipy, weighted_sum)
 from Utils.helpers import PhaseTimer
-from Utils.knn import coalesce, cosine_topk, knn_coo, symnorm, to_csr, to_scipy, weighted_sum
 from Utils.layers import Graph, bpr_loss, propagate, xavier_uniform
 
 MULTINOMIAL_LIMIT = 1 << 24   # torch.multinomial draws from at most 2^24 categories
@@ -62,6 +62,7 @@ class FREEDOM(PairwiseModel):
     needs_features = True
     phases = ("pruning", "negatives", "recommender")
     grid = {"dropout": [0.8, 0.9], "reg_weight": [0.0, 1e-5, 1e-4, 1e-3]}   # MMRec FREEDOM.yaml
+    published_in = "not in DiffMM's paper"
 
     def __init__(self, args: argparse.Namespace, data, device: torch.device):
         super().__init__(args, data, device)
@@ -77,7 +78,7 @@ class FREEDOM(PairwiseModel):
         # the train edges (row-major) and their sampling weights ω = 1/√(d_u d_i) (`freedom.py:156-162`)
         self.edge_users = torch.from_numpy(self.pair_users).to(device)
         self.edge_items = torch.from_numpy(self.pair_items).to(device)
-        self.edge_weights = self.inverse_sqrt_degrees(self.edge_users, self.edge_items)
+        self.edge_weights = edge_inverse_sqrt_degrees(self.edge_users, self.edge_items, data.n_users, data.n_items)
         self.pruning_generator = torch.Generator(device=device)
         self.pruning_generator.manual_seed(args.seed)
 
@@ -135,23 +136,13 @@ class FREEDOM(PairwiseModel):
         weights = modality_weights(list(self.features), self.args.mm_image_weight, self.args.mm_weights)
         return to_scipy(coalesce(weighted_sum(graphs, weights), n), n)
 
-    def inverse_sqrt_degrees(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """1/√((d_u + 1e-7)(d_i + 1e-7)) per edge, degrees counted over the given edges (`_normalize_adj_m`)."""
-        d_user = torch.bincount(users, minlength=self.data.n_users).float() + 1e-7
-        d_item = torch.bincount(items, minlength=self.data.n_items).float() + 1e-7
-        return d_user[users].pow(-0.5) * d_item[items].pow(-0.5)
-
     def pruned_graph(self) -> Graph:
         """Degree-sensitive edge pruning (`freedom.py:128-143`): keep ⌊|E|(1-ρ)⌋ edges drawn without replacement
         ∝ ω, normalised on the kept subgraph, both directions, no self-loops."""
         n_keep = int(len(self.edge_weights) * (1.0 - self.args.dropout))
         kept = torch.multinomial(self.edge_weights, n_keep, replacement=False, generator=self.pruning_generator)
-        users, items = self.edge_users[kept], self.edge_items[kept]
-        values = self.inverse_sqrt_degrees(users, items)
-        items = items + self.data.n_users
-        coo = (torch.cat([users, items]), torch.cat([items, users]), torch.cat([values, values]))
-        n = self.data.n_users + self.data.n_items   # built on the device: symmetric, so its own transpose
-        return Graph.from_tensors(to_csr(coalesce(coo, n), n))
+        return symmetric_edge_graph(self.edge_users[kept], self.edge_items[kept], self.data.n_users,
+                                    self.data.n_items)
 
     def pre_epoch(self, epoch: int, timer: PhaseTimer) -> None:
         with timer.phase("pruning"):

@@ -34,15 +34,13 @@ import argparse
 from itertools import combinations
 from typing import Dict, Optional, Tuple
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import symmetric_graph
 from Models.base import PairwiseModel, add_pairwise_args
-from Params import str2bool
+from Utils.flags import str2bool
+from Utils.graphs import binary, row_normalized, symmetric_graph
 from Utils.layers import Graph, bpr_loss, emb_loss, info_nce, propagate, xavier_uniform
 
 
@@ -55,6 +53,7 @@ class LGMRec(PairwiseModel):
     # published Baby point (1, 4, 0.5, 0.3), the Sports one (keep 0.4, α 0.6; the official log used
     # n_hyper 4) and Clothing's n_hyper 2 / H 64; the other flags stay at MMRec's yaml values.
     grid = {"n_hyper_layer": [1, 2, 4], "hyper_num": [4, 64], "keep_rate": [0.4, 0.5], "alpha": [0.3, 0.6]}
+    published_in = "not in DiffMM's paper"
 
     def __init__(self, args: argparse.Namespace, data, device: torch.device):
         super().__init__(args, data, device)
@@ -70,12 +69,10 @@ class LGMRec(PairwiseModel):
             self.hyper_proj[modality] = xavier_uniform(values.shape[1], args.hyper_num)
         self.drop = nn.Dropout(p=1.0 - args.keep_rate)
         self.graph = Graph(symmetric_graph(data.train), device, symmetric=True, plain=plain)
-        interactions = sp.csr_matrix((data.train != 0).astype(np.float32))
-        degree = np.asarray(interactions.sum(axis=1)).ravel()
+        interactions = binary(data.train)
         self.interactions = Graph(interactions, device, plain=plain)          # R: sums of item rows
         # diag(1/(deg_u + 1e-7)) R: means of the user's item rows (MMRec num_inters, lgmrec.py:37,107)
-        self.user_mean = Graph(sp.diags((1.0 / (degree + 1e-7)).astype(np.float32)) @ interactions, device,
-                               plain=plain)
+        self.user_mean = Graph(row_normalized(interactions, eps=1e-7), device, plain=plain)
         self.to(device)
 
     @staticmethod

@@ -4,7 +4,8 @@ Systems; authors' code HuXianshengNXU/MDMNS-main at 8851194), built on DiffMM (`
 The paper could not be obtained, so the method is what the authors' code at that commit computes; its parts are
 numbered §n below. Everything that code leaves as DiffMM had it is DiffMM's code here,
 reused: data, graphs, feature transforms, the denoiser and its schedule, sampling, the graph rebuild and edge drop,
-the epoch order, DiffMM's cl_method 0 loss, checkpointing and every DiffMM flag with its default. What changes:
+the epoch and its loops, DiffMM's cl_method 0 loss, checkpointing and every DiffMM flag with its default. What
+changes is in DiffMM's hooks (`generator_inputs`, `generator_terms`, `generator_scorer`, `recommender_terms`):
 - §1 recommender (`MDMNSRecommender`): the fused embedding H0 = Σ_m softmax(κ)_m z_m is re-propagated on the train
   graph into a view svt = P(G); each modality gets its own view s_m = P(z_m), with
   P(X) = Σ_{l<=L} adj^l X + ris_lambda·rownorm(X). DiffMM's main view P(H0) no longer exists.
@@ -31,15 +32,17 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import Data, device_batches, user_batches
-from Model import DiffMM, GaussianDiffusion, Recommender, Views, contrastive_loss
-from Params import float_list
+from DataHandler import Data
+from Model import DiffMM, GaussianDiffusion, GeneratorInputs, Recommender, Scores, Views, contrastive_loss
+from Utils.flags import float_list, str2bool
 from Utils.layers import Graph, bpr_loss, propagate
 
 # the NCE logits are computed in blocks of at most this many entries (64 MB in fp32)
@@ -47,7 +50,7 @@ NCE_BLOCK = 1 << 24
 
 
 def noise_fracs(text: str) -> List[float]:
-    """`--nce_noise_fracs`: non-negative numbers as `Params.float_list` parses them, or '' for none."""
+    """`--nce_noise_fracs`: non-negative numbers as `Utils.flags.float_list` parses them, or '' for none."""
     if not text.strip("[]() "):
         return []
     values = float_list(text)
@@ -261,6 +264,13 @@ def guide_extra(x0: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
     return (x0 - mlp(guide).T).square().mean(dim=1)
 
 
+@dataclass
+class GuidedInputs(GeneratorInputs):
+    """DiffMM's generator inputs plus g_m, the guide of every modality (`guide_features`; empty when unguided)."""
+
+    guides: Dict[str, torch.Tensor]
+
+
 class GuidedDenoiser:
     """A denoiser fed S = guidance(x) instead of x: what `--guide_at_sampling true` hands to the reverse steps."""
 
@@ -272,7 +282,7 @@ class GuidedDenoiser:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: DiffMM's epoch with MDMNS's recommender, loss, guided denoisers and score
+# The model: DiffMM's epoch, its hooks overridden with MDMNS's recommender, loss, guided denoisers and score
 # ---------------------------------------------------------------------------------------------
 
 class MDMNS(DiffMM):
@@ -282,6 +292,20 @@ class MDMNS(DiffMM):
     paper = ("MDMNS: modal-aware diffusion-enhanced recommendation with multi-level negative sampling "
              "(Knowledge-Based Systems)")
     recommender_class = MDMNSRecommender
+    # MDMNS's README (its Sports command gives --temp 0.1 twice)
+    presets = {
+        "tiktok": ["--reg", "1e-4", "--ssl_reg", "1e-2", "--epoch", "50", "--trans", "1", "--e_loss", "0.1",
+                   "--cl_method", "1", "--latdim", "512", "--gnn_layer", "1", "--temp", "0.5", "--steps", "5"],
+        "baby": ["--reg", "1e-5", "--ssl_reg", "1e-1", "--keepRate", "1", "--e_loss", "0.01", "--gnn_layer", "2",
+                 "--latdim", "256", "--temp", "0.5", "--steps", "20"],
+        "sports": ["--reg", "1e-6", "--ssl_reg", "1e-2", "--temp", "0.1", "--ris_lambda", "0.1", "--e_loss", "0.5",
+                   "--keepRate", "1", "--trans", "1", "--gnn_layer", "1", "--latdim", "256", "--steps", "5"],
+    }
+    published = {"tiktok": (0.1193, 0.0525, 0.0060), "baby": (0.1009, 0.0433, 0.0053),
+                 "sports": (0.1093, 0.0496, 0.0058)}
+    published_in = "MDMNS Table II (read off the image in its repository)"
+    published_ablations: dict = {}   # DiffMM's Tables 3 and 4 are not MDMNS's
+    published_temp_ssl: dict = {}
 
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)
@@ -293,15 +317,14 @@ class MDMNS(DiffMM):
             self.guides = nn.ModuleDict({
                 m: GuidanceGCN(data.n_users, args.latdim, args.guide_fused_hidden_dim, args.guide_degree)
                 for m in data.modalities}).to(device)
-            self.denoiser_optimizers = {
-                m: torch.optim.Adam(list(d.parameters()) + list(self.guides[m].parameters()), lr=args.lr,
+            self.generator_optimizers = {
+                m: torch.optim.Adam(list(g.parameters()) + list(self.guides[m].parameters()), lr=args.lr,
                                     weight_decay=0)
-                for m, d in self.denoisers.items()}
+                for m, g in self.generators.items()}
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
-        from Params import str2bool
-
+        """DiffMM's flags with their defaults, then MDMNS's own."""
         DiffMM.add_args(parser)
         g = parser.add_argument_group("mdmns (its authors' code, HuXianshengNXU/MDMNS-main; "
                                       "fixes of the authors' defects are off by default)")
@@ -312,7 +335,10 @@ class MDMNS(DiffMM):
                             "one per modality (users embedded by id), trained with that modality's denoiser")
         g.add_argument("--guide_degree", default="clamp", choices=["clamp", "abs", "one"],
                        help="degrees of the noisy guidance graph: clamp (authors) = max(deg, 1e-8), which scales "
-                            "rows of negative degree by 1e4; abs = max(|deg|, 1e-8); one = max(deg, 1)")
+                            "rows of negative degree by 1e4; abs = max(|deg|, 1e-8); one = max(deg, 1). On TikTok "
+                            "with clamp, 11 to 15 in 100 noisy rows have a negative degree, the guided scores reach "
+                            "1e11-1e18 and the denoiser's tanh input layer saturates: its gradient is exactly zero, "
+                            "only its output layer trains; abs and one keep it trained (docs/siblings.md)")
         g.add_argument("--guide_at_sampling", default=False, type=str2bool,
                        help="false (authors) = guidance in training only; true = the reverse steps of the graph "
                             "rebuild feed the guided scores to the denoiser as well")
@@ -322,12 +348,7 @@ class MDMNS(DiffMM):
 
     @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
-        from Params import impossible_value
-
-        # DiffMM's own value checks, which the harness applies to --model diffmm only
-        problem = impossible_value(argparse.Namespace(**dict(vars(args), model="diffmm")))
-        if problem:
-            return problem + "."
+        """MDMNS's flag, then every check of DiffMM's (its flags are DiffMM's)."""
         if args.guide_fused_hidden_dim < 1:
             return f"--guide_fused_hidden_dim must be at least 1, got {args.guide_fused_hidden_dim}."
         return super().check(args, data)
@@ -345,94 +366,67 @@ class MDMNS(DiffMM):
                 return module(x_t, guide)
         return self.guides[modality](x_t, guide, users)
 
-    def train_denoisers(self) -> Dict[str, float]:
-        """DiffMM's denoiser pass with guided training (§3): per batch and modality loss_m = mean ELBO + e_loss ·
-        mean MSI on x̂0 = denoiser(S, t). Logged per modality: that loss, and `<m>_extra` = mean w_t · extra, the
-        gradient-free term the authors add to it. One modality or --ablation no_dm: DiffMM's pass."""
-        if not self.guided:
-            return super().train_denoisers()
-        self.denoisers.train()
-        with torch.no_grad():  # the recommender's tables are read, not trained, here
-            modal_feats = self.recommender.modal_features()
-        guides = guide_features(modal_feats)
-        item_emb = self.recommender.item_emb.detach()
-        totals = {key: torch.zeros((), device=self.device) for m in self.data.modalities for key in (m, f"{m}_extra")}
-        batches = user_batches(self.data.n_users, self.args.batch, True)
-        for users in self.progress(device_batches(batches, self.device), "denoisers"):
-            x0 = self.user_rows.dense(users)
-            loss = 0.0
-            for m, denoiser in self.denoisers.items():
-                self.denoiser_optimizers[m].zero_grad(set_to_none=True)
-                with self.autocast():
-                    elbo, msi, weight = guided_losses(
-                        self.diffusion, denoiser, x0, item_emb, modal_feats[m],
-                        lambda x_t, m=m: self.guided_input(m, x_t, guides[m], users))
-                    loss_m = elbo.mean() + (0.0 if self.args.ablation == "no_msi" else self.args.e_loss * msi.mean())
-                    totals[f"{m}_extra"] += (weight * guide_extra(x0, guides[m]).float()).mean()
-                totals[m] += loss_m.detach()
-                loss = loss + loss_m
-            loss.backward()
-            for opt in self.denoiser_optimizers.values():
-                opt.step()
-        return {key: float(v) / len(batches) for key, v in totals.items()}
-
     @torch.no_grad()
-    def generate_top_items(self, denoiser: nn.Module, modality: Optional[str] = None) -> torch.Tensor:
-        """DiffMM's rebuild; with --guide_at_sampling true the reverse steps feed S = guidance(x_t) to the denoiser
-        (step by step on the item rows: the hidden-space shortcut needs x_t itself as the input)."""
+    def generator_inputs(self) -> GeneratorInputs:
+        """DiffMM's, plus the guides g_m of every modality where guidance applies (§3)."""
+        inputs = super().generator_inputs()
+        guides = guide_features(inputs.modal_feats) if self.guided else {}
+        return GuidedInputs(**{f.name: getattr(inputs, f.name) for f in fields(inputs)}, guides=guides)
+
+    def generator_terms(self, modality: str, inputs: GeneratorInputs, x0: torch.Tensor, users: torch.Tensor
+                        ) -> Dict[str, torch.Tensor]:
+        """Guided training (§3): loss_m = mean ELBO + e_loss · mean MSI on x̂0 = denoiser(S, t), and logged only,
+        `<m>_extra` = mean w_t · extra, the gradient-free term the authors add to it. One modality or
+        --ablation no_dm: DiffMM's loss."""
+        if not self.guided:
+            return super().generator_terms(modality, inputs, x0, users)
+        guide = inputs.guides[modality]
+        elbo, msi, weight = guided_losses(self.diffusion, self.generators[modality], x0, inputs.item_emb,
+                                          inputs.modal_feats[modality],
+                                          lambda x_t: self.guided_input(modality, x_t, guide, users))
+        loss = elbo.mean() + (0.0 if self.args.ablation == "no_msi" else self.args.e_loss * msi.mean())
+        return {modality: loss, f"{modality}_extra": (weight * guide_extra(x0, guide).float()).mean()}
+
+    def generator_scorer(self, modality: str, inputs: GeneratorInputs) -> Scores:
+        """DiffMM's; with --guide_at_sampling true the reverse steps feed S = guidance(x_t) to the denoiser (step by
+        step on the item rows: the hidden-space shortcut needs x_t itself as the input)."""
         if not (self.args.guide_at_sampling and self.guided):
-            return super().generate_top_items(denoiser, modality)
-        guide = guide_features(self.recommender.modal_features())[modality]
-        denoiser.eval()
-        top = torch.empty(self.data.n_users, self.args.rebuild_k, dtype=torch.long, device=self.device)
-        batches = user_batches(self.data.n_users, self.args.batch, False)
-        for users in self.progress(device_batches(batches, self.device), "rebuild"):
-            guided = GuidedDenoiser(denoiser, lambda x_t: self.guided_input(modality, x_t, guide, users))
+            return super().generator_scorer(modality, inputs)
+        generator, guide, args = self.generators[modality], inputs.guides[modality], self.args
+
+        def scores(users: torch.Tensor, host_rows: np.ndarray) -> torch.Tensor:
+            guided = GuidedDenoiser(generator, lambda x_t: self.guided_input(modality, x_t, guide, users))
             with self.autocast():
-                scores = self.diffusion.p_sample(guided, self.user_rows.dense(users),
-                                                 self.args.sampling_steps, self.args.sampling_noise)
-            top[users] = torch.topk(scores, self.args.rebuild_k, dim=1).indices
-        denoiser.train()
-        return top
+                return self.diffusion.p_sample(guided, inputs.user_rows.dense(users), args.sampling_steps,
+                                               args.sampling_noise)
+        return scores
 
     # --- recommender (§2) -------------------------------------------------------------------------
-    def train_recommender(self, modal_graphs: Dict[str, Graph], negatives, view_graphs=None) -> Dict[str, float]:
-        """Σ_m BPR(s_m) + λ2 reg + λ1 cl over shuffled batches of (user, pos, neg) (§2).
+    def recommender_terms(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                          modal_graphs: Dict[str, Graph], view_graphs: Optional[Dict[str, Graph]]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Σ_m BPR(s_m), λ2 reg, λ1 cl) of one batch (§2).
 
         cl: `--cl_method 0` DiffMM's pairwise loss on the forward_cl_MM views (built only then); `--cl_method 1`
         `anchored_contrast` (svt anchors and the multi-level noisy item contrast). `--ablation no_cl` or ssl_reg 0:
         no contrastive term, nothing of it computed.
         """
         args = self.args
-        users = torch.from_numpy(self.pairs[0]).to(self.device)
-        positives = torch.from_numpy(self.pairs[1]).to(self.device)
-        negatives = torch.from_numpy(negatives).to(self.device)
         with_cl = args.ssl_reg != 0 and args.ablation != "no_cl"
-        with_views = with_cl and args.cl_method == 0
-        self.recommender.train()
-        totals = torch.zeros(3, device=self.device)
-        batches = user_batches(len(users), args.batch, True)
-        for idx in self.progress(device_batches(batches, self.device), "recommender"):
-            u, p, n = users[idx], positives[idx], negatives[idx]
-            self.optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
-                views, cl_views = self.recommender(self.adj, modal_graphs, with_views=with_views,
-                                                   view_graphs=view_graphs)
-            views = [(a.float(), b.float()) for a, b in views]
-            bpr = modal_bpr(views[1:], u, p, n, divisor=args.batch)
-            reg = args.reg * self.recommender.reg_loss()
-            if not with_cl:
-                cl = torch.zeros((), device=self.device)
-            elif args.cl_method == 0:
-                cl = args.ssl_reg * contrastive_loss(*views[0], [(a.float(), b.float()) for a, b in cl_views],
-                                                     u, p, 0, args.temp, self.plain)
-            else:
-                cl = args.ssl_reg * anchored_contrast(views, self.levels, args.temp)
-            (bpr + reg + cl).backward()
-            self.optimizer.step()
-            totals += torch.stack([bpr.detach(), reg.detach(), cl.detach()])
-        bpr, reg, cl = (totals / len(batches)).tolist()
-        return {"bpr": bpr, "reg": reg, "cl": cl, "loss": bpr + reg + cl}
+        with self.autocast():
+            views, cl_views = self.recommender(self.adj, modal_graphs, with_views=with_cl and args.cl_method == 0,
+                                               view_graphs=view_graphs)
+        views = [(a.float(), b.float()) for a, b in views]
+        bpr = modal_bpr(views[1:], users, positives, negatives, divisor=args.batch)
+        reg = args.reg * self.recommender.reg_loss()
+        if not with_cl:
+            cl = torch.zeros((), device=self.device)
+        elif args.cl_method == 0:
+            cl = args.ssl_reg * contrastive_loss(*views[0], [(a.float(), b.float()) for a, b in cl_views],
+                                                 users, positives, 0, args.temp, self.plain)
+        else:
+            cl = args.ssl_reg * anchored_contrast(views, self.levels, args.temp)
+        return bpr, reg, cl
 
     # --- evaluation and checkpoints (§4) --------------------------------------------------------
     def embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -20,11 +20,15 @@ What the authors' code does and the paper's text does not say (defaults = the co
 - LeakyReLU(True) is negative_slope 1, i.e. the identity: `--d_slope 1.0`;
 - the generated graphs hold only the last ≤ T batches' users; with T = 1 they are empty from the third
   batch of every epoch on, at evaluation too, and with k = ⌊I·m_topk_rate⌋ = 0 always: `--gen_graph authors`;
-- AdamW's default weight decay 0.01 applies to every recommender parameter: `--adamw_decay 0.01`.
+- AdamW's default weight decay 0.01 applies to every recommender parameter: `--adamw_decay 0.01`;
+- the stored pairs tile the batch users (`torch.tensor(users).repeat(1, k).view(-1)` against the row-major
+  top-k indices, HKUDS/MMSSL MMSSL/main.py:401,404 at cffd83f): item r of batch user a goes to the row of
+  user users[(a·k + r) mod B], another user of the batch when k > 1: `--gen_pairing authors`.
 
 Flags that fix them: `--mm_attn paper` (real multi-head attention over modalities), `--real_tau_scope
 noise` (HEAD's form), `--d_slope 0.01` (a real LeakyReLU), `--gen_graph full` (every T batches, the
-top-k items of every user with a train item), `--adamw_decay 0` (plain Adam-style, no decay).
+top-k items of every user with a train item), `--adamw_decay 0` (plain Adam-style, no decay), `--gen_pairing
+own` (each batch user's row gets its own top-k items).
 
 Not carried over (§10): dense U x I copies of R, unused parameters (common_trans, trainable copies of
 the raw features, BatchNorm, w_v, w_self_attention_user/item), exactly two modalities (any number here),
@@ -64,42 +68,10 @@ from torch import nn
 
 from DataHandler import Data, DeviceRows, train_pairs
 from Models.base import RecModel
-from Params import float_list, int_list
+from Utils.flags import float_list, int_list
+from Utils.graphs import GraphPair, one_sided_graphs
 from Utils.helpers import PhaseTimer
-from Utils.layers import Graph, xavier_uniform
-
-GraphPair = Tuple[Graph, Graph]   # (U x I user-side graph, I x U item-side graph)
-
-
-# ---------------------------------------------------------------------------------------------
-# Graphs (§2, §6): built from (user, item) pairs with tensor ops, on the pairs' device
-# ---------------------------------------------------------------------------------------------
-
-def csr_from_pairs(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: Tuple[int, int]
-                   ) -> torch.Tensor:
-    """A torch CSR matrix from coalesced COO entries (any order; each (row, col) at most once)."""
-    order = torch.argsort(rows * shape[1] + cols)
-    rows, cols, values = rows[order], cols[order], values[order]
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
-    return torch.sparse_csr_tensor(crow, cols, values, size=shape, check_invariants=False)
-
-
-def one_sided_graphs(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int, plain: bool = False
-                     ) -> GraphPair:
-    """G_u = D_u^-1/2 A (U x I) and G_i = D_i^-1/2 Aᵀ (I x U), A = counts of the (user, item) pairs (repeats
-    summed), D = row sums + 1e-8 (authors' csr_norm(mean_flag=True), §2; §6 for the generated graphs)."""
-    keys, counts = torch.unique(users * n_items + items, return_counts=True)
-    rows, cols, weight = keys // n_items, keys % n_items, counts.float()
-    user_degree = torch.zeros(n_users, device=weight.device).index_add_(0, rows, weight) + 1e-8
-    item_degree = torch.zeros(n_items, device=weight.device).index_add_(0, cols, weight) + 1e-8
-    user_values = weight * user_degree[rows].pow(-0.5)
-    item_values = weight * item_degree[cols].pow(-0.5)
-    user_graph = Graph.from_tensors(csr_from_pairs(rows, cols, user_values, (n_users, n_items)),
-                                    csr_from_pairs(cols, rows, user_values, (n_items, n_users)), plain)
-    item_graph = Graph.from_tensors(csr_from_pairs(cols, rows, item_values, (n_items, n_users)),
-                                    csr_from_pairs(rows, cols, item_values, (n_users, n_items)), plain)
-    return user_graph, item_graph
+from Utils.layers import xavier_uniform
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +237,16 @@ class MMSSL(RecModel):
     # the authors' parser: lr 0.00055, batch_size 1024, epoch 1000, seed 2022; they stop after 8 epochs in a
     # row without a strictly better validation Recall@20 (early_stopping_patience 7 counts from 0)
     defaults = {"lr": 0.00055, "batch": 1024, "epoch": 1000, "seed": 2022, "patience": 8}
+    # MMSSL's README gives only `python main.py --dataset NAME`: its defaults are the Baby block of the first
+    # upload's parser; the TikTok and Sports blocks of that parser differ from them in these flags
+    presets = {
+        "tiktok": ["--lr", "5.4e-4", "--G_rate", "1.8e-3", "--real_data_tau", "0.002", "--m_topk_rate", "0.01"],
+        "baby": [],
+        "sports": ["--lr", "5e-4", "--real_data_tau", "0.002", "--T", "2", "--m_topk_rate", "0.02"],
+    }
+    published = {"tiktok": (0.0921, 0.0392, 0.0046), "baby": (0.0962, 0.0422, 0.0051),
+                 "sports": (0.0998, 0.0470, 0.0052)}
+    published_in = "MMSSL README"
 
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)
@@ -276,8 +258,8 @@ class MMSSL(RecModel):
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=args.adamw_decay)
         self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=args.D_lr, betas=(0.5, 0.9))
         # the batches' draws (§5.1), on the device; saved in last.pt by training_state
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(args.seed)
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(args.seed)
         self.plain = args.kernels == "plain"
         self.top_k = int(data.n_items * args.m_topk_rate)
         # the train matrix on the device (column indices sorted within each row), to sample a batch and
@@ -352,6 +334,12 @@ class MMSSL(RecModel):
                        help="generated graphs: authors = from the top-k pairs stored since the last rebuild (only the "
                             "last ≤ T batches' users; the store lives across epochs); full = every T batches from "
                             "the top-k items of every user with a train item (k at least 1)")
+        g.add_argument("--gen_pairing", default="authors", choices=["authors", "own"],
+                       help="with --gen_graph authors, which user a batch user's top-k items are stored for: authors = "
+                            "their torch.tensor(users).repeat(1, k).view(-1) against the row-major top-k indices "
+                            "(HKUDS/MMSSL MMSSL/main.py:401,404 at cffd83f; :493,496 at 4f0c2fa, the first upload): "
+                            "item r of batch user a goes to user users[(a·k+r) mod B]; own = to user a itself. The "
+                            "same when k <= 1; differs with k >= 2 (e.g. the mmssl-tiktok and mmssl-sports presets)")
         g.add_argument("--tau", default=0.5, type=float, help="τ: temperature of the contrastive loss")
         g.add_argument("--cl_rate", default=0.03, type=float, help="weight of the contrastive loss (§5.3)")
         g.add_argument("--feat_reg_decay", default=1e-5, type=float,
@@ -395,7 +383,7 @@ class MMSSL(RecModel):
 
     def uniform_below(self, bounds: torch.Tensor) -> torch.Tensor:
         """One integer uniform in [0, bound) per entry of `bounds` (all > 0), from the model's generator."""
-        draws = torch.rand(len(bounds), dtype=torch.float64, device=self.device, generator=self.generator)
+        draws = torch.rand(len(bounds), dtype=torch.float64, device=self.device, generator=self.rng)
         return torch.minimum((draws * bounds).long(), bounds - 1)   # float64: no rounding up to the bound
 
     def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
@@ -412,9 +400,9 @@ class MMSSL(RecModel):
         over each one's train items, one negative uniform over the items not in train (§5.1); on the device."""
         batch, n_active = self.args.batch, len(self.active_users)
         if batch <= n_active:
-            pick = torch.randperm(n_active, device=self.device, generator=self.generator)[:batch]
+            pick = torch.randperm(n_active, device=self.device, generator=self.rng)[:batch]
         else:   # the authors' rd.sample raises here (module docstring)
-            pick = torch.randint(n_active, (batch,), device=self.device, generator=self.generator)
+            pick = torch.randint(n_active, (batch,), device=self.device, generator=self.rng)
         users = self.active_users[pick]
         positives = self.indices[self.indptr[users] + self.uniform_below(self.train_counts[users])]
         return users, positives, self.sample_negatives(users)
@@ -500,8 +488,9 @@ class MMSSL(RecModel):
     def refresh_graphs(self, idx: int, users: torch.Tensor, fakes: Dict[str, torch.Tensor],
                        out: Dict[str, object]) -> None:
         """After batch `idx` of an epoch. authors: if idx % T == 0 and idx != 0, rebuild G^m from the stored
-        pairs and empty the store, else store the batch users' top-k items of Fake_m (the store survives
-        epochs). full: after every T-th batch of an epoch, rebuild G^m from every user's top-k items."""
+        pairs and empty the store, else store the batch users' top-k items of Fake_m, paired with users as
+        --gen_pairing says (the store survives epochs). full: after every T-th batch of an epoch, rebuild
+        G^m from every user's top-k items."""
         if self.args.gen_graph == "authors":
             if idx % self.args.T == 0 and idx != 0:
                 for m, pairs in self.store.items():
@@ -510,9 +499,14 @@ class MMSSL(RecModel):
                                        torch.cat([p[1] for p in pairs] or [empty]))
                     pairs.clear()
             elif self.top_k > 0:
+                # entry a·k + r of the row-major top-k is item r of batch user a; `authors` tiles the users
+                # against it (users[(a·k + r) mod B], their repeat(1, k)), `own` repeats each user k times;
+                # a run saved before the flag existed paired `own` and resumes so
+                owners = (users.repeat(self.top_k) if getattr(self.args, "gen_pairing", "own") == "authors"
+                          else users.repeat_interleave(self.top_k))
                 for m, fake in fakes.items():
                     top = torch.topk(fake, self.top_k, dim=1).indices
-                    self.store[m].append((users.repeat_interleave(self.top_k), top.reshape(-1)))
+                    self.store[m].append((owners, top.reshape(-1)))
         elif (idx + 1) % self.args.T == 0:
             # every user with a train item (the users the authors sample): a user without one has an
             # all-zero feature view x_u^m, so its "top-k" would be an arbitrary pick among ties
@@ -582,14 +576,21 @@ class MMSSL(RecModel):
         self.store = {m: [(pair[0].to(self.device), pair[1].to(self.device))] if pair.shape[1] else []
                       for m, pair in state["store"].items()}
 
+    # keys of a last.pt saved before the batches' random generator was named `rng` (in a GAN, "generator" is
+    # another thing)
+    OLD_KEYS = {"generator": "rng"}
+
     def training_state(self) -> dict:
-        """last.pt: best_model.pt's state, the optimisers, plus the discriminator and the batch generator."""
+        """last.pt: best_model.pt's state, the optimisers, plus the discriminator and the batches' random generator."""
         state = super().training_state()
         state["discriminator"] = self.discriminator.state_dict()
-        state["generator"] = self.generator.get_state()
+        state["rng"] = self.rng.get_state()
         return state
 
     def load_training_state(self, state: dict) -> None:
-        super().load_training_state(state)
+        state = {self.OLD_KEYS.get(k, k): v for k, v in state.items()}
+        stateful = {self.OLD_KEYS.get(k, k): v for k, v in state["stateful"].items()}
+        stateful.setdefault("rng", state["rng"])   # a last.pt whose torch generators were saved apart only
+        super().load_training_state(dict(state, stateful=stateful))
         self.discriminator.load_state_dict(state["discriminator"])
-        self.generator.set_state(state["generator"])
+        self.rng.set_state(state["rng"])

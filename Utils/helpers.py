@@ -6,11 +6,13 @@ import logging
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator
 
 import numpy as np
 import scipy
@@ -142,23 +144,6 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def make_run_dir(out_dir: Optional[str], data: str) -> Path:
-    """Create the run folder; refuse a folder that already holds files so nothing is overwritten."""
-    path = Path(out_dir) if out_dir else Path("runs") / f"{data}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"the output folder {path} already exists and is not empty; pass another --out_dir "
-                         f"(nothing there is overwritten), or --resume {path} to continue its run.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to the output folder {path} ({e.strerror or e}); pass an --out_dir you "
-                         f"can write to.") from None
-    return path
-
-
 def atomic_write(path: Path, write) -> None:
     """Write `path` through a temporary file in the same folder and rename it into place, so that a kill
     leaves either the old file or the new one, never half of one. `write(tmp_path)` writes the content."""
@@ -217,6 +202,33 @@ def exit_on_interrupt(entry: Callable[[], int]) -> int:
         return entry()
     except KeyboardInterrupt:
         return 130
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block has run, then raise it: a run's epoch files (each written atomically)
+    then all belong to the same epoch. Only in the main thread and where Ctrl-C raises KeyboardInterrupt (a
+    background job that ignores SIGINT keeps ignoring it)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: `Main.py: error: argument --lr: invalid float value: 'x' (see --help)`
+    and exit code 2, instead of the whole usage block before it (Main.py, evaluate.py, recommend.py)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')} (see {self.prog} --help)\n")
 
 
 def setup_logging(quiet: bool = False) -> None:

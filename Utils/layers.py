@@ -43,7 +43,7 @@ class Graph:
                      ) -> "Graph":
         """A Graph from a torch CSR matrix and its transpose (None: the matrix is symmetric), without scipy:
         a graph built on the device stays there. Both must be CSR with sorted int64 column indices per row
-        (e.g. `Utils.knn.to_csr` of a coalesced COO), float32 values."""
+        (e.g. `Utils.graphs.coo_to_csr` of a coalesced COO), float32 values."""
         graph = cls.__new__(cls)
         graph._assign(matrix, matrix if matrix_t is None else matrix_t, plain)
         return graph

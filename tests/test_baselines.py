@@ -6,11 +6,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from DataHandler import Data, sample_negatives, symmetric_graph
+from DataHandler import Data, sample_negatives
 from Models.lightgcn import LightGCN
 from Models.mf import MF
 from Models.vbpr import VBPR
 from Params import parse_args
+from Utils.graphs import symmetric_graph
 from Utils.layers import emb_loss
 
 CPU = torch.device("cpu")

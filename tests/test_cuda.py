@@ -384,7 +384,7 @@ def diffmm_losses(model: RecModel, inputs: Inputs) -> Terms:
     guides = guide_features(modal_feats) if getattr(model, "guided", False) else {}
     t, noise = inputs["t"].to(d), inputs["noise"].to(d)
     terms = {}
-    for m, denoiser in model.denoisers.items():
+    for m, denoiser in model.generators.items():
         if m in guides:
             elbo, msi, _ = guided_losses(model.diffusion, denoiser, x0, item_emb, modal_feats[m],
                                          lambda x_t, m=m: model.guided_input(m, x_t, guides[m], rows), t=t, noise=noise)

@@ -11,11 +11,10 @@ import scipy.sparse as sp
 import torch
 
 import Main
-import Model
 from conftest import SHARED, hand_made, require_shared, write_dataset
-from DataHandler import (DataError, feature_files, load_data, load_matrix, normalized_graph, sample_negatives,
-                         train_graph)
+from DataHandler import DataError, feature_files, load_data, load_matrix, sample_negatives, train_pairs
 from Params import parse_args
+from Utils.graphs import drop_edges, normalized_graph
 
 CPU = torch.device("cpu")
 
@@ -65,7 +64,8 @@ def test_train_graph_from_loaded_matrix(tmp_path):
     edges = [(u, i) for u in range(8) for i in range(6) if R[u, i]]
     with open(tmp_path / "t.pkl", "wb") as f:
         pickle.dump(sp.coo_matrix(R), f)
-    got = train_graph(load_matrix(tmp_path / "t.pkl"))
+    train = load_matrix(tmp_path / "t.pkl")
+    got = normalized_graph(*train_pairs(train), *train.shape)
     np.testing.assert_allclose(got.toarray(), ref_norm_graph(edges, 8, 6), rtol=1e-6)
 
 
@@ -244,11 +244,11 @@ def test_generate_top_items_and_full_graph(tiny_dir, k):
     U, I = data.n_users, data.n_items
     dense_train = data.train.toarray()
     tops = {}
-    for m, den in tr.denoisers.items():
+    for m, den in tr.generators.items():
         denoised = ref_denoise(den, dense_train)
         top = np.argsort(-denoised, axis=1, kind="stable")[:, :k]
         tops[m] = top
-        got = tr.generate_top_items(den).numpy()
+        got = tr.generate_top_items(m).numpy()
         assert got.shape == (U, k)
         assert [set(r) for r in got.tolist()] == [set(r) for r in top.tolist()]
     graphs = tr.rebuild_graphs()
@@ -290,9 +290,9 @@ def test_edge_drop_keep_half_scales_by_two(tiny_dir):
 def test_drop_edges_direct():
     rng = np.random.default_rng(0)
     g = sp.random(200, 200, density=0.1, format="csr", random_state=1, dtype=np.float32)
-    same = Model.drop_edges(g, 1.0, rng)
+    same = drop_edges(g, 1.0, rng)
     assert (same != g).nnz == 0
-    dropped = Model.drop_edges(g, 0.25, rng)
+    dropped = drop_edges(g, 0.25, rng)
     d, f = dropped.toarray(), g.toarray()
     kept = d != 0
     np.testing.assert_allclose(d[kept], 4.0 * f[kept], rtol=1e-6)

@@ -85,11 +85,11 @@ def test_no_msi_diffusion_loss_is_the_elbo_term_only(data_dir):
         tr = trainer(data_dir, "--ablation", ablation)
         rows = np.arange(7)
         x0 = dense_rows(tr.data.train, rows, CPU)
-        den = tr.denoisers["image"]
+        den = tr.generators["image"]
         with torch.no_grad():
             feat = tr.recommender.modal_features()["image"]
         torch.manual_seed(3)
-        loss = tr.generator_loss(den, x0, rows, feat)
+        loss = tr.generator_terms("image", tr.generator_inputs(), x0, torch.from_numpy(rows))["image"]
         torch.manual_seed(3)
         elbo, msi = tr.diffusion.training_losses(den, x0, tr.recommender.item_emb.detach(), feat)
         assert msi.mean().item() > 0                     # the MSI term is there to drop
@@ -100,13 +100,13 @@ def test_no_msi_diffusion_loss_is_the_elbo_term_only(data_dir):
 
 def test_no_dm_graphs_come_from_one_vgae_per_modality(data_dir, tmp_path):
     tr = trainer(data_dir, "--ablation", "no_dm", "--rebuild_k", "2", "--keepRate", "1")
-    assert set(tr.denoisers) == set(tr.data.modalities)
-    assert all(isinstance(g, VGAE) for g in tr.denoisers.values())
-    assert not any(isinstance(g, Denoiser) for g in tr.denoisers.modules())
-    before = {m: g.w0.weight.detach().clone() for m, g in tr.denoisers.items()}
-    losses = tr.train_denoisers()
+    assert set(tr.generators) == set(tr.data.modalities)
+    assert all(isinstance(g, VGAE) for g in tr.generators.values())
+    assert not any(isinstance(g, Denoiser) for g in tr.generators.modules())
+    before = {m: g.w0.weight.detach().clone() for m, g in tr.generators.items()}
+    losses = tr.train_generators()
     assert set(losses) == set(tr.data.modalities) and all(np.isfinite(v) for v in losses.values())
-    assert all(not torch.equal(before[m], g.w0.weight) for m, g in tr.denoisers.items())   # trained
+    assert all(not torch.equal(before[m], g.w0.weight) for m, g in tr.generators.items())   # trained
 
     graphs = tr.rebuild_graphs()
     U = tr.data.n_users
@@ -115,7 +115,7 @@ def test_no_dm_graphs_come_from_one_vgae_per_modality(data_dir, tmp_path):
     for m, pair in graphs.items():
         ui = pair["full"].to_dense().numpy()[:U, U:]
         assert ((ui != 0).sum(1) == 2).all()             # every user has rebuild_k generated edges
-        vgae = tr.denoisers[m]
+        vgae = tr.generators[m]
         vgae.eval()
         user_z, item_z = vgae.embeddings(tr.adj, tr.recommender.user_emb.detach(), feats[m].detach())
         expected = torch.topk(user_z @ item_z.T, 2, dim=1).indices.numpy()
@@ -125,7 +125,7 @@ def test_no_dm_graphs_come_from_one_vgae_per_modality(data_dir, tmp_path):
     # the VGAE loss is finite and differentiable for a batch of user rows
     rows = torch.arange(5)
     x0 = dense_rows(tr.data.train, rows.numpy(), CPU)
-    vgae = tr.denoisers["image"].train()
+    vgae = tr.generators["image"].train()
     loss = vgae.loss(tr.adj, tr.recommender.user_emb.detach(), feats["image"].detach(), rows, x0)
     loss.backward()
     assert torch.isfinite(loss) and vgae.w_mu.weight.grad is not None

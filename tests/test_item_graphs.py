@@ -13,10 +13,10 @@ import Main
 import Models
 from DataHandler import Data
 from Models.freedom import FREEDOM, modality_weights
-from Models.lattice import LATTICE, row_normalised_graph
+from Models.lattice import LATTICE
 from Params import parse_args
 from Utils.helpers import PhaseTimer
-from Utils.knn import coalesce, cosine_topk, knn_coo, symnorm, to_csr
+from Utils.graphs import coalesce, coo_to_csr, cosine_topk, knn_coo, row_normalized_graph, symnorm
 
 CPU = torch.device("cpu")
 
@@ -73,7 +73,7 @@ def _register_for_parsing(registered):
 
 
 # ---------------------------------------------------------------------------------------------
-# Utils/knn.py
+# Utils/graphs.py: the item kNN graphs
 # ---------------------------------------------------------------------------------------------
 
 def test_chunked_knn_equals_the_dense_topk():
@@ -113,7 +113,7 @@ def test_coalesce_sums_duplicates_and_csr_product_backpropagates_to_values():
     np.testing.assert_allclose(np_dense(r, c, v, 3), want)
     assert len(v) == 3
     x = torch.randn(3, 2, requires_grad=True)
-    out = torch.sparse.mm(to_csr((r, c, v), 3), x)
+    out = torch.sparse.mm(coo_to_csr((r, c, v), (3, 3), coalesced=True), x)
     np.testing.assert_allclose(out.detach().numpy(), want @ x.detach().numpy(), rtol=1e-6)
     out.sum().backward()
     # d/d value_e of Σ (A x) = Σ_j x[col_e, j], for every duplicate
@@ -131,7 +131,7 @@ def test_lattice_user_item_graph_is_row_normalised_with_self_loops():
     a = np.eye(U + I)
     a[:U, U:], a[U:, :U] = r, r.T
     want = a / a.sum(1, keepdims=True)
-    got = row_normalised_graph(data.train).toarray()
+    got = row_normalized_graph(data.train).toarray()
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.allclose(got.sum(1), 1.0) and not np.allclose(got, got.T)  # rows sum to 1; not symmetric
 
@@ -198,7 +198,7 @@ def test_lattice_rebuild_batch_gradient_equals_dense_autograd():
 
     # the dense reference: P = D^-1(A+I), 2 mean layers, items + normalize(G Ei), BPR + λ·½Σ‖·‖²/batch
     ref = model.ref
-    p = torch.from_numpy(row_normalised_graph(data.train).toarray()).double()
+    p = torch.from_numpy(row_normalized_graph(data.train).toarray()).double()
     e0 = torch.cat([ref["Eu"], ref["Ei"]])
     nodes = (e0 + p @ e0 + p @ (p @ e0)) / 3
     h = lattice_reference(model, data, 0.9) @ ref["Ei"]
@@ -243,7 +243,7 @@ def test_lattice_item_graph_is_fp32_under_bf16_autocast():
         assert a.dtype == b.dtype and torch.equal(a, b)
     kept = model.item_graph.matrix
     assert kept.values().dtype == torch.float32
-    assert torch.equal(kept.to_dense(), to_csr(want, data.n_items).to_dense())
+    assert torch.equal(kept.to_dense(), coo_to_csr(want, (data.n_items, data.n_items), coalesced=True).to_dense())
 
 
 def test_lattice_evaluation_rebuilds_the_graph_from_current_parameters():
@@ -259,7 +259,7 @@ def test_lattice_evaluation_rebuilds_the_graph_from_current_parameters():
     with torch.no_grad():
         users, items = model.embeddings()
     ref = model.ref
-    p = torch.from_numpy(row_normalised_graph(data.train).toarray()).double()
+    p = torch.from_numpy(row_normalized_graph(data.train).toarray()).double()
     e0 = torch.cat([ref["Eu"], ref["Ei"]])
     nodes = (e0 + p @ e0 + p @ (p @ e0)) / 3
     h = lattice_reference(model, data, 0.9) @ ref["Ei"]

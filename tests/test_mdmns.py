@@ -19,7 +19,7 @@ from Models.mdmns import (MDMNS, GuidanceGCN, anchored_contrast, noise_fracs, fu
 from Params import parse_args
 from Utils.metrics import evaluate
 
-from conftest import tiny_args
+from conftest import SHARED, require_shared, tiny_args
 
 CPU = torch.device("cpu")
 
@@ -317,7 +317,7 @@ def test_fresh_guidance_per_call_by_default_and_a_trained_one_as_the_fix(registe
     torch.testing.assert_close(model.guided_input("text", x_t, guide, users),
                                model.guided_input("text", x_t, guide, users))
     before = {k: v.clone() for k, v in model.guides.state_dict().items()}
-    losses = model.train_denoisers()
+    losses = model.train_generators()
     assert set(losses) == {"image", "text", "image_extra", "text_extra"}
     changed = [k for k, v in model.guides.state_dict().items() if not torch.equal(v, before[k])]
     assert {k.split(".")[0] for k in changed} == {"image", "text"}
@@ -337,7 +337,54 @@ def test_guide_at_sampling_feeds_the_guided_scores_to_the_reverse_steps(register
 
 def test_guidance_is_off_with_one_modality(registered, tiny_dir, tmp_path):
     model = tiny_model(tiny_dir, tmp_path, "--modalities", "image", "--guide_at_sampling", "true")
-    assert not model.guided and set(model.train_denoisers()) == {"image"}
+    assert not model.guided and set(model.train_generators()) == {"image"}
+
+
+@pytest.mark.slow
+def test_clamped_guidance_saturates_the_denoisers_input_layer_on_tiktok_rows(registered, tmp_path):
+    """The authors' `--guide_degree clamp` on real TikTok rows (1024 users x 6,710 items, the mdmns-tiktok preset):
+    ~11-15% of the noisy rows have a negative degree, their scale 1e4 reaches every item node, so S is >= 1e6 on
+    those rows and every pre-activation of the denoiser's tanh input layer saturates: that layer (and the step
+    embedding) gets an exactly zero gradient while the output layer's is not. abs and one give it a gradient.
+    The same draws (rows, t, noise, guidance module, dropout) for the three settings."""
+    require_shared("tiktok")
+    args = parse_args(["--preset", "mdmns-tiktok", "--data_dir", str(SHARED), "--quiet",
+                       "--out_dir", str(tmp_path / "run")])
+    model = Main.build_model(args, Main.load_run_data(args, True), CPU)
+    model.generators.train()
+    with torch.no_grad():
+        feats = model.recommender.modal_features()
+    guides = guide_features(feats)
+    item_emb = model.recommender.item_emb.detach()
+    g = torch.Generator().manual_seed(0)
+    users = torch.randperm(model.data.n_users, generator=g)[:args.batch]
+    x0 = model.user_rows.dense(users)
+    t = torch.randint(0, args.steps, (len(users),), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    input_grads = {}
+    for degree in ("clamp", "abs", "one"):
+        model.args.guide_degree = degree
+        for m, denoiser in model.generators.items():
+            seen = {}
+
+            def guidance(x_t, m=m, seen=seen):
+                torch.manual_seed(1)                              # the same fresh guidance module every setting
+                seen["x_t"], seen["S"] = x_t, model.guided_input(m, x_t, guides[m], users)
+                return seen["S"]
+
+            denoiser.zero_grad(set_to_none=True)
+            elbo, msi, _ = guided_losses(model.diffusion, denoiser, x0, item_emb, feats[m], guidance, t, noise)
+            (elbo.mean() + args.e_loss * msi.mean()).backward()
+            negative = (1.0 + seen["x_t"].sum(1)) < 0                # the noisy user degrees, counted here
+            input_grads[degree, m] = torch.count_nonzero(denoiser.in_layers[0].weight.grad)
+            assert torch.count_nonzero(denoiser.out_layers[-1].weight.grad) > 0
+            if degree == "clamp":
+                assert 0.05 < float(negative.float().mean()) < 0.30, float(negative.float().mean())
+                assert float(seen["S"][negative].abs().amax(1).min()) > 1e6
+                assert input_grads[degree, m] == 0                    # the tanh layer is saturated everywhere
+                assert torch.count_nonzero(denoiser.emb_layer.weight.grad) == 0
+            else:
+                assert input_grads[degree, m] > 0
 
 
 # --- harness ------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ GENERATED = {"image": ([0, 0, 3, 5, 5, 5], [2, 7, 7, 1, 2, 3]),
 # --- §2 graphs ------------------------------------------------------------------------------------
 
 def test_one_sided_graphs_match_dense_numpy_with_repeats_and_empty_rows():
-    from Models.mmssl import one_sided_graphs
+    from Utils.graphs import one_sided_graphs
 
     users = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3])
     items = torch.tensor([1, 1, 4, 0, 4, 2, 3, 4])               # (0, 1) twice; user 1 and item 5 empty
@@ -101,7 +101,7 @@ def test_one_sided_graphs_match_dense_numpy_with_repeats_and_empty_rows():
 def test_graph_from_tensors_equals_the_graph_of_the_scipy_matrix():
     """Utils.layers.Graph.from_tensors (torch CSR built on the device from unsorted (row, col, value)
     triples) against Graph(scipy matrix): the same attributes, matrices, products and gradients."""
-    from Models.mmssl import csr_from_pairs
+    from Utils.graphs import coo_to_csr
     from Utils.layers import Graph
 
     rng = np.random.default_rng(11)
@@ -110,7 +110,7 @@ def test_graph_from_tensors_equals_the_graph_of_the_scipy_matrix():
     coo = matrix.tocoo()
     rows, cols, values = (torch.from_numpy(a[order]) for a in (coo.row.astype(np.int64), coo.col.astype(np.int64),
                                                                 coo.data))
-    built = Graph.from_tensors(csr_from_pairs(rows, cols, values, (7, 5)), csr_from_pairs(cols, rows, values, (5, 7)))
+    built = Graph.from_tensors(coo_to_csr((rows, cols, values), (7, 5)), coo_to_csr((cols, rows, values), (5, 7)))
     reference = Graph(matrix, CPU)
     assert vars(built).keys() == vars(reference).keys()
     assert built.shape == reference.shape == (7, 5) and built.nnz == reference.nnz and built.plain is False
@@ -134,7 +134,7 @@ def test_graph_from_tensors_equals_the_graph_of_the_scipy_matrix():
 def test_float_list_parser():
     import argparse
 
-    from Params import float_list
+    from Utils.flags import float_list
 
     assert float_list("0.1,0.9") == [0.1, 0.9]
     assert float_list(" [0.1, 0.9] ") == [0.1, 0.9]
@@ -397,10 +397,10 @@ def test_negatives_are_the_rank_th_item_outside_the_train_list(monkeypatch):
 def test_sampling_follows_the_models_generator():
     """The batches come from the model's torch generator alone: the same state, the same batch."""
     model = toy_model("--batch", "8")
-    state = model.generator.get_state()
+    state = model.rng.get_state()
     first = model.sample_batch()
     torch.manual_seed(123)                                                        # the global RNG is not used
-    model.generator.set_state(state)
+    model.rng.set_state(state)
     assert all(torch.equal(a, b) for a, b in zip(first, model.sample_batch()))
 
 
@@ -569,7 +569,9 @@ def assert_rows_are_top_k(graph, scores, users, k):
 
 
 def test_authors_schedule_with_t1_leaves_empty_graphs_from_the_third_batch():
-    model = toy_model("--m_topk_rate", "0.25", "--drop_rate", "0")     # k = 4 items per user, no dropout
+    # k = 4 items per user, no dropout; `own` pairing: each row holds the user's own top-k (the behaviour
+    # before --gen_pairing existed)
+    model = toy_model("--m_topk_rate", "0.25", "--drop_rate", "0", "--gen_pairing", "own")
     # Fake_m of batch 0 computed here, from the parameters before it: masked x_u^m x_i^mᵀ (the row L2 norm
     # does not change the order); the D step does not touch the recommender, its AdamW step comes after
     mask = 1.0 - model.data.train.toarray()
@@ -584,6 +586,38 @@ def test_authors_schedule_with_t1_leaves_empty_graphs_from_the_third_batch():
     assert not np.array_equal(dense(seen[1][1]["image"]), dense(seen[1][1]["text"]))   # per modality
     k_zero = toy_model()                                              # default rate: k = ⌊16·1e-4⌋ = 0
     assert run_batches(k_zero, range(2))[1][1]["image"].nnz == 0
+
+
+@pytest.mark.parametrize("pairing", ["authors", "own"])
+def test_generated_pairs_follow_the_pairing_flag(pairing):
+    """--gen_pairing authors: the stored pair a·k + r is (users[(a·k + r) mod B], item r of batch user a's
+    top-k) (their repeat(1, k) tiling, HKUDS/MMSSL MMSSL/main.py:401); own: (users[a], that item). Checked
+    against explicit index loops, in store order, and the rebuilt graph against dense numpy."""
+    flags = ("--m_topk_rate", "0.25") + (() if pairing == "authors" else ("--gen_pairing", "own"))
+    model = toy_model(*flags)                                         # k = ⌊16·0.25⌋ = 4, B = 6
+    k, n_items = 4, model.data.n_items
+    users = torch.tensor([9, 2, 17, 5, 11, 0])
+    rng = np.random.default_rng(3)
+    fakes = {m: torch.from_numpy(rng.permutation(len(users) * n_items).reshape(len(users), n_items)
+                                 .astype(np.float32)) for m in model.data.modalities}   # distinct: no ties
+    model.refresh_graphs(0, users, fakes, {})
+    b = len(users)
+    for m, fake in fakes.items():
+        ranked = np.argsort(-fake.numpy(), axis=1)[:, :k]            # item r of batch user a: ranked[a, r]
+        want_u = [int(users[(a * k + r) % b] if pairing == "authors" else users[a]) for a in range(b) for r in range(k)]
+        want_i = [int(ranked[a, r]) for a in range(b) for r in range(k)]
+        (got_u, got_i), = model.store[m]
+        assert got_u.tolist() == want_u and got_i.tolist() == want_i
+        if pairing == "authors":                                      # some rows hold another user's items
+            assert any(want_u[a * k + r] != users[a] for a in range(b) for r in range(k))
+    model.refresh_graphs(1, users, fakes, {})                         # idx % T == 0: rebuild from the store
+    for m, fake in fakes.items():
+        ranked = np.argsort(-fake.numpy(), axis=1)[:, :k]
+        want_u = [int(users[(a * k + r) % b] if pairing == "authors" else users[a]) for a in range(b) for r in range(k)]
+        g_u, g_i = one_sided(want_u, ranked.reshape(-1).tolist(), (model.data.n_users, n_items))
+        np.testing.assert_allclose(dense(model.modal_graphs[m][0]), g_u, rtol=1e-6)
+        np.testing.assert_allclose(dense(model.modal_graphs[m][1]), g_i, rtol=1e-6)
+        assert not model.store[m]
 
 
 def test_authors_store_survives_epochs():
@@ -647,7 +681,7 @@ def test_trains_beats_popularity_and_the_checkpoint_reloads_identically(gen_dir,
     trained = fresh.discriminator.state_dict()
     assert all(torch.equal(trained[name], value) for name, value in last["model"]["discriminator"].items())
     assert not torch.equal(trained["net.0.weight"], initial["net.0.weight"])
-    assert torch.equal(fresh.generator.get_state(), last["model"]["generator"])
+    assert torch.equal(fresh.rng.get_state(), last["model"]["rng"])
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_run_folder_contents(two_runs, gen_dir):
     ckpt = torch.load(out / "best_model.pt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == val["epoch"]
     assert ckpt["recommender"]["user_emb"].shape == (240, 64)
-    assert set(k.split(".")[0] for k in ckpt["denoisers"]) == {"image", "text", "audio"}
+    assert set(k.split(".")[0] for k in ckpt["generators"]) == {"image", "text", "audio"}
 
 
 def test_topks_keys(two_runs):

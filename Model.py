@@ -3,7 +3,7 @@ Gaussian diffusion; the VGAE of an ablation), and `DiffMM`, the model the harnes
 generators, graph rebuild, negatives, recommender), with its flags and their checks.
 
 Equation numbers are the paper's. Where the default follows the authors' code rather than an equation,
-the README's table "Where the default follows the authors' code" says how and why.
+docs/defaults.md says how and why.
 """
 from __future__ import annotations
 
@@ -464,7 +464,7 @@ def hidden_reverse_is_cheaper(n_items: int, hidden: int, steps: int, batch: int)
     rest (the step embedding, the inner layers) is the same on both. The hidden chain pays on wide
     catalogues (TikTok: I = 6,710 against h = 1,000, a third of the work); on a few hundred items with
     few steps the direct one is cheaper. Measured on the CPU, the ratio of seconds follows this count
-    (README, Performance).
+    (docs/performance.md).
     """
     direct = 2 * steps * batch * n_items * hidden
     in_hidden = hidden * n_items * hidden + steps * batch * hidden * hidden + 2 * batch * n_items * hidden
@@ -584,10 +584,8 @@ class DiffMM(RecModel):
         features = {m: torch.from_numpy(f) for m, f in data.features.items()}
         self.recommender = self.recommender_class(data.n_users, data.n_items, features, args.latdim, args.gnn_layer,
                                                   args.trans, args.ris_lambda, args.ris_adj_lambda).to(device)
-        self.plain = args.kernels == "plain"  # the reference path of `Experiments.benchmark --compare`
         self.pairs = train_pairs(data.train)
-        self.adj = Graph(normalized_graph(*self.pairs, data.n_users, data.n_items), device, symmetric=True,
-                         plain=self.plain)
+        self.adj = self.as_graph(normalized_graph(*self.pairs, data.n_users, data.n_items), symmetric=True)
         self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device)
         self.user_rows = DeviceRows(data.train, device)  # every user's train row, gathered per batch on the device
         # the reverse process in the denoiser's hidden space where that is exact and cheaper (p_sample_hidden)
@@ -657,7 +655,7 @@ class DiffMM(RecModel):
         g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
 
         g = parser.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "
-                                                             "(README, section Paper experiments)")
+                                                             "(docs/experiments.md)")
         g.add_argument("--ablation", default="none", choices=["none", "no_cl", "no_msi", "no_dm"],
                        help="paper Table 3: no_cl = no contrastive term (views not computed); no_msi = the MSI term "
                             "of the diffusion loss dropped (as e_loss 0); no_dm = a VGAE per modality (Kipf & "
@@ -673,8 +671,8 @@ class DiffMM(RecModel):
                             "--fusion_ratio > 0")
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
-        """The first of DiffMM's flags whose value cannot give a meaningful run on `data`, as one sentence."""
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        """The first of DiffMM's flags whose value cannot give a meaningful run on any data, as one sentence."""
         for name in ("steps", "d_emb_size", "latdim", "rebuild_k"):
             if getattr(args, name) < 1:
                 return f"--{name} must be at least 1, got {getattr(args, name)}."
@@ -690,11 +688,19 @@ class DiffMM(RecModel):
         if min(noise) < 0.0 or args.noise_scale * max(args.noise_min, args.noise_max) >= 1.0:
             return (f"--noise_scale, --noise_min and --noise_max must be non-negative with noise_scale x noise_max "
                     f"below 1 (it is a variance), got {noise}.")
-        if args.rebuild_k > data.n_items:
-            return f"--rebuild_k {args.rebuild_k} exceeds the {data.n_items} items of {data.name}."
         if args.reverse == "hidden" and (args.norm or args.sampling_noise):
             return ("--reverse hidden is exact only with --norm false and --sampling_noise false; use --reverse auto "
                     "or direct.")
+        return None
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        """`check_flags`, then what depends on `data`, as one sentence."""
+        problem = cls.check_flags(args)
+        if problem:
+            return problem
+        if args.rebuild_k > data.n_items:
+            return f"--rebuild_k {args.rebuild_k} exceeds the {data.n_items} items of {data.name}."
         return None
 
     # --- the epoch (paper Algorithm 1) ----------------------------------------------------------
@@ -805,7 +811,7 @@ class DiffMM(RecModel):
             if args.fusion_ratio > 0:
                 graphs[m]["view"] = fused_view_graph(self.data.train, top, args.fusion_ratio, args.fusion_keep,
                                                      args.keepRate, self.rng)
-        out = {m: {k: Graph(g, self.device, plain=self.plain) for k, g in pair.items()} for m, pair in graphs.items()}
+        out = {m: {k: self.as_graph(g) for k, g in pair.items()} for m, pair in graphs.items()}
         for pair in out.values():
             pair.setdefault("view", pair["dropped"])  # r = 0: the views use Âm itself
         return out
@@ -853,7 +859,7 @@ class DiffMM(RecModel):
         state = {self.OLD_KEYS.get(k, k): v for k, v in state.items()}
         self.recommender.load_state_dict(state["recommender"])
         self.generators.load_state_dict(state["generators"])
-        self.graphs = {m: {self.args.eval_graph: Graph.from_state(g, self.device)}
+        self.graphs = {m: {self.args.eval_graph: Graph.from_state(g, self.device, self.plain)}
                        for m, g in state["eval_graphs"].items()}
         self.generated = {m: t.numpy() for m, t in state["generated"].items()}
 

@@ -86,7 +86,8 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation (every model)")
     g.add_argument("--topk", default=20, type=int, help="K of Recall/NDCG/Precision@K")
-    g.add_argument("--topks", default=None, type=int_list, help="more cut-offs, e.g. 10,20,50 (topk is always included)")
+    g.add_argument("--topks", default=None, type=int_list,
+                   help="more cut-offs, e.g. 10,20,50 (topk is always included)")
     g.add_argument("--tstBat", default=256, type=int, help="number of users per evaluation batch")
     g.add_argument("--tstEpoch", default=1, type=int, help="evaluate every this many epochs")
     g.add_argument("--eval_users", default="all", choices=["all", "mmrec"],
@@ -107,7 +108,7 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     g.add_argument("--threads", default="auto", type=parse_threads, metavar="auto|N",
                    help="CPU threads of the run: auto = the CPUs this process may use (its affinity mask), never "
                         "more than torch's default; on a shared machine or with several runs at once give each run "
-                        "its share (README, Shared machines and several runs)")
+                        "its share (docs/performance.md, Shared machines and several runs)")
     g.add_argument("--kernels", default="fast", choices=["fast", "plain"],
                    help="fast = the hand-written kernels of Utils/kernels.py (sparse products with a precomputed "
                         "transpose, fused InfoNCE); plain = torch's straightforward autograd, the reference that "
@@ -254,7 +255,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     `--model` is read first, so that the parser knows the model's own flags and defaults.
     """
-    from Models import model_names
+    from Models import get_model, model_names
 
     argv = sys.argv[1:] if argv is None else list(argv)
     problem = refused_with_resume(argv)
@@ -272,7 +273,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         build_parser().error(f"unknown model {model!r}; the known models are {', '.join(model_names())}")
     parser = build_parser(model)
     args = parser.parse_args(argv)
-    problem = impossible_value(args)
+    problem = impossible_value(args) or get_model(model).check_flags(args)
     if problem:
         parser.error(problem)
     args.topks = sorted(set([args.topk] + (args.topks or [])))

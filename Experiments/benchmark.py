@@ -8,7 +8,7 @@ each phase the model times (DiffMM: denoiser training, graph rebuild, negative s
 training; every model: evaluation) and of the whole epoch, the CPU threads, peak resident memory, and peak
 CUDA memory on a GPU (where the timer synchronises before and after each phase, so queued kernels are
 charged to the phase that queued them). `--compare` runs the straightforward reference path and the fast
-path side by side (see `compare`); `--models all --precisions fp32,tf32,bf16` the README's per-model
+path side by side (see `compare`); `--models all --precisions fp32,tf32,bf16` docs/performance.md's per-model
 epoch table. The first epoch is reported too but left out of the medians when more than one epoch runs
 (it includes warm-up).
 
@@ -93,7 +93,7 @@ def in_own_process(argv: List[str], epochs: int) -> dict:
 
 
 def table(models: List[str], precisions: List[str], argv: List[str], epochs: int, json_path: Optional[Path]) -> str:
-    """The per-model epoch table (README, Performance): every model x precision in its own process, each model with
+    """The per-model epoch table (docs/performance.md): every model x precision in its own process, each model with
     its published command for the dataset where its authors give one (`--preset MODEL-DATA`), else its defaults."""
     from Params import presets
 
@@ -130,7 +130,8 @@ def compare(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
     for phase in ref:
         ratio = fast.get(phase, 0.0) / ref[phase] if ref[phase] else float("nan")
         lines.append(f"{phase:<14}{ref[phase]:>13.3f}{fast.get(phase, 0.0):>10.3f}{ratio:>10.2f}")
-    lines.append(f"{'peak RSS GiB':<14}{results['reference']['peak_rss_gib']:>13.3f}{results['fast']['peak_rss_gib']:>10.3f}")
+    rss = (results["reference"]["peak_rss_gib"], results["fast"]["peak_rss_gib"])
+    lines.append(f"{'peak RSS GiB':<14}{rss[0]:>13.3f}{rss[1]:>10.3f}")
     print("\n".join(lines))
     result = {"reference_flags": REFERENCE, "device": results["fast"]["device"], **results,
               "ratio": {p: fast.get(p, 0.0) / ref[p] for p in ref if ref[p]}}

@@ -10,12 +10,15 @@ for that dataset where its authors give one (`--preset MODEL-DATA`, the class's 
 `--tune`, each model's hyper-parameter grid (MMRec's, `Experiments.sweep --grid NAME`) is run and the
 cell selected on validation (`--select mmrec`: MMRec's test-selected rule). It writes `comparison.md`
 and `comparison.csv` (model x Recall/NDCG/Precision@K, mean ± sample std over seeds, both protocols,
-the paper's Table 2 beside ours where the paper has the model) and `groups.png` (Figure 2, one bar per
-model, from the same runs). A model that needs item features is skipped, with a note, on a dataset
+the paper's Table 2 beside ours where the paper has the model; DiffMM's Improv. over the best other model
+and its paired tests against each: a t-test over seeds and a Wilcoxon test over test users, marked where
+p < 0.05), `comparison.tex` (the table in the paper's style, for pdflatex) and `groups.png` (Figure 2, one
+bar per model, from the same runs); docs/experiments.md. A model that needs item features is skipped, with
+a note, on a dataset
 without feature files. Every run goes through `Experiments.sweep` (DIR/<model>/<cell>/seed<k>/);
 finished runs are not rerun. Any other flag (`--device`, `--quiet`, `--patience`, ...) is passed to
 every run. `--workers N`, `--devices 0,1` or `--storage URL` run them all as one Optuna study shared by
-several processes or machines (`Experiments/workers.py`; README, Many runs at once).
+several processes or machines (`Experiments/workers.py`; docs/many-runs.md).
 
 Ours are reported under both protocols: the paper's (epoch of the best test Recall, as the authors
 did) and the validation protocol (epoch chosen on validation, test reported there).
@@ -269,8 +272,11 @@ def table2_stats(data: str, rows: List[dict], runs: Dict[str, Sequence[Path]], r
     return notes
 
 
-def _p(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.2g}"
+def _p(value: Optional[float], spec: str = ".2g") -> str:
+    """A p-value as printed: '—' when there is none, '<1e-300' when scipy's value underflowed to 0."""
+    if value is None:
+        return "—"
+    return "<1e-300" if value == 0 else format(value, spec)
 
 
 def _marks(row: dict, key: str, tex: bool = False) -> str:
@@ -357,7 +363,7 @@ def table2_tex(tables: Dict[str, List[dict]], caption: str) -> str:
             improv.append("--" if pct is None else f"{pct:+.2f}\\%")
             best = by[d].get(ref.get(f"{key(m)}_best_other")) or {}
             p = best.get(f"{key(m)}_ttest_p")
-            pvals.append("--" if p is None else f"{p:.1e}")
+            pvals.append("--" if p is None else _p(p, ".1e").replace("<", "$<$"))
         lines.append(" & ".join(["Improv."] + improv) + " \\\\")
         if not published:
             lines.append(" & ".join(["p-value"] + pvals) + " \\\\")
@@ -366,8 +372,11 @@ def table2_tex(tables: Dict[str, List[dict]], caption: str) -> str:
     seeds = "/".join(map(str, sorted({row["seeds"] for rows in tables.values() for row in rows})))
     header = [f"\\multicolumn{{3}}{{c{'|' if i < len(datasets) - 1 else ''}}}{{{_tex_escape(DATASET_NAMES.get(d, d))}}}"
               for i, d in enumerate(datasets)]
-    lines = ["\\documentclass{article}", "\\usepackage{graphicx}", "\\begin{document}", "\\begin{table}[t]",
-             "\\centering", f"\\caption{{{_tex_escape(caption)}}}", "\\label{tab:table2}",
+    # a full page for the table (plain length settings, no package): 12 models x 3 blocks fit in it
+    lines = ["\\documentclass{article}", "\\usepackage{graphicx}", "\\setlength{\\textwidth}{16.5cm}",
+             "\\setlength{\\oddsidemargin}{-0.2cm}", "\\setlength{\\textheight}{24cm}",
+             "\\setlength{\\topmargin}{-2cm}", "\\begin{document}", "\\begin{table}[p]", "\\centering", "\\small",
+             f"\\caption{{{_tex_escape(caption)}}}", "\\label{tab:table2}",
              "\\resizebox{\\ifdim\\width>\\textwidth\\textwidth\\else\\width\\fi}{!}{%",
              "\\begin{tabular}{l" + "|ccc" * len(datasets) + "}", "\\hline",
              " & ".join(["Dataset"] + header) + " \\\\",
@@ -545,7 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unknown = [m for m in models if m not in model_names()]
             if unknown:
                 raise UsageError(f"unknown model {', '.join(unknown)}; the known models are {', '.join(model_names())}")
-            if workers.wanted(args):  # every model's runs as one study (README, Many runs at once); then as always
+            if workers.wanted(args):  # every model's runs as one study (docs/many-runs.md); then as always
                 sweeps = table2_sweeps(args.data, args.data_dir, models, args.epoch, args.tune, rest)
                 plan = workers.plan_of(sweep_dir, [(sweep_dir / model, s[0], seeds, s[1]) for model, s in sweeps.items()
                                                    if not isinstance(s, str)])

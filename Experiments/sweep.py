@@ -103,7 +103,7 @@ def run_dir_of(sweep_dir: Path, cell: Dict[str, str], seed: int) -> Path:
 
 def with_keep_last(argv: Sequence[str]) -> List[str]:
     """`argv` with `--keep_last false` unless it sets --keep_last: a sweep's finished runs drop their last.pt
-    (the largest file of a DiffMM run folder; README, Many runs at once), keeping best_model.pt."""
+    (the largest file of a DiffMM run folder; docs/many-runs.md), keeping best_model.pt."""
     given = any(a == "--keep_last" or a.startswith("--keep_last=") for a in argv)
     return list(argv) + ([] if given else ["--keep_last", "false"])
 
@@ -253,7 +253,8 @@ def int_list(text: str) -> List[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds such as 421,422, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds such as 421,422, got {text!r}"
+                                         ) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -290,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             grid, rest = preset(name), rest + ["--model", name]
         else:
             grid = parse_grid(args.grid, rest)
-        if workers.wanted(args):  # through an Optuna study (README, Many runs at once)
+        if workers.wanted(args):  # through an Optuna study (docs/many-runs.md)
             result = workers.sweep_in_study(grid, args, rest, argv)
             if result is None:  # a worker started by a parent, which writes the tables
                 return 0

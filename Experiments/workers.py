@@ -174,8 +174,8 @@ def suggest_cell(trial: "optuna.Trial", search: Dict[str, Union[Range, List[str]
 # ---------------------------------------------------------------------------------------------
 
 def add_worker_args(p: argparse.ArgumentParser, search: bool = False) -> None:
-    """The flags of many runs at once (README, "Many runs at once"); `search`: also --search/--trials/--prune."""
-    g = p.add_argument_group("many runs at once (an Optuna study; README, Many runs at once)")
+    """The flags of many runs at once (docs/many-runs.md); `search`: also --search/--trials/--prune."""
+    g = p.add_argument_group("many runs at once (an Optuna study; docs/many-runs.md)")
     g.add_argument("--workers", type=int, default=None,
                    help="start N worker processes on this machine (CPU: each gets cores/N threads)")
     g.add_argument("--devices", default=None,
@@ -868,8 +868,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print each study of a storage: its trials by state and the runs being trained now."""
     from Utils.helpers import setup_logging
 
-    p = argparse.ArgumentParser(description="Progress of the studies of many runs at once (README, Many runs at "
-                                            "once): trials by state, runs in progress.", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="Progress of the studies of many runs at once (docs/many-runs.md): "
+                                            "trials by state, runs in progress.", allow_abbrev=False)
     p.add_argument("--storage", required=True, help="the --storage of the sweep (sqlite:///DIR/optuna.db by default)")
     p.add_argument("--study", default=None, help="only this study")
     args = p.parse_args(argv)

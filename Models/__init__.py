@@ -1,7 +1,7 @@
 """The model registry: one line per model, `name: "module:Class"`, imported on first use.
 
 DiffMM's model is the authors' `Model.py`; every other model is one file in this folder. A class
-implements the contract of `Models/base.py` (README, "Adding a model").
+implements the contract of `Models/base.py` (README, "Adding a model"; docs/models/adding-a-model.md).
 """
 from __future__ import annotations
 

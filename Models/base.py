@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from DataHandler import Data, device_batches, sample_negatives, train_pairs, user_batches
 from Utils.flags import float_pair
 from Utils.helpers import PhaseTimer
+from Utils.layers import Graph
 from Utils.metrics import Scorer, dot_scorer
 
 Losses = Dict[str, Dict[str, float]]
@@ -49,10 +51,23 @@ class RecModel(nn.Module):
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__()
         self.args, self.data, self.device = args, data, device
+        # --kernels plain: torch's own sparse products and InfoNCE instead of Utils/kernels.py, for every model
+        # (the reference that `Experiments.benchmark --compare` measures the fast kernels against)
+        self.plain = args.kernels == "plain"
+
+    def as_graph(self, matrix: sp.spmatrix, symmetric: bool = False) -> Graph:
+        """`matrix` as a Graph on the run's device, multiplied with the run's kernels (`--kernels`)."""
+        return Graph(matrix, self.device, symmetric=symmetric, plain=self.plain)
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         """Add the model's own flags (one argument group); shown by `python Main.py --model NAME --help`."""
+
+    @classmethod
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        """One sentence when one of its flags has a value no data could make meaningful, else None. Checked when
+        the command line is parsed (`Params.parse_args`), so a sweep refuses a bad grid value before any run."""
+        return None
 
     @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
@@ -104,7 +119,8 @@ class RecModel(nn.Module):
     def load_training_state(self, state: dict) -> None:
         self.load_checkpoint_state(state["checkpoint"])
         for name, value in self._stateful():
-            _load_state(value, state["stateful"][name])
+            # a last.pt written before torch Generators were saved here kept them beside, under the same name
+            _load_state(value, state["stateful"][name] if name in state["stateful"] else state[name])
 
     def _stateful(self) -> List[Tuple[str, object]]:
         found = []

@@ -32,7 +32,7 @@ from torch import nn
 
 from Models.base import PairwiseModel, add_pairwise_args
 from Utils.graphs import symmetric_graph
-from Utils.layers import Graph, emb_loss, propagate, xavier_uniform
+from Utils.layers import emb_loss, propagate, xavier_uniform
 
 
 def dropout_target(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -71,7 +71,7 @@ class BM3(PairwiseModel):
             self.features[modality] = nn.Parameter(torch.from_numpy(values.copy()))
             self.feature_linear[modality] = nn.Linear(values.shape[1], d)
             nn.init.xavier_normal_(self.feature_linear[modality].weight)
-        self.graph = Graph(symmetric_graph(data.train), device, symmetric=True, plain=args.kernels == "plain")
+        self.graph = self.as_graph(symmetric_graph(data.train), symmetric=True)
         self.to(device)
 
     @staticmethod

@@ -1,6 +1,6 @@
 """FREEDOM (Zhou & Shen, ACM MM 2023) as MMRec computes it (models/freedom.py, configs/model/FREEDOM.yaml).
 
-Frozen item graph (SPEC-BASELINES §7; `freedom.py:64-100`), built once from the raw features: per modality the
+Frozen item graph (MMRec `src/models/freedom.py:64-100` at e775373), built once from the raw features: per modality the
 binary kNN graph of cos(X_m) (the item itself included) with values 1/√(r_i r_j), r = row sums + 1e-7 = k,
 so every kept entry is 1/k; S = Σ_m β_m S_m. Denoised user-item graph (`freedom.py:128-162`): at every epoch start
 ⌊|E|(1-ρ)⌋ train edges are drawn without replacement with probability ∝ ω_e = 1/√(d_u d_i) (degrees + 1e-7),
@@ -72,8 +72,8 @@ class FREEDOM(PairwiseModel):
         # trainable raw features and their projections (used only by the modal BPR terms)
         self.features, self.projections = trainable_features(data, args.feat_embed_dim)
         self.to(device)
-        self.item_graph = Graph(self.frozen_item_graph(), device)
-        self.full_graph = Graph(symmetric_graph(data.train), device, symmetric=True)
+        self.item_graph = self.as_graph(self.frozen_item_graph())
+        self.full_graph = self.as_graph(symmetric_graph(data.train), symmetric=True)
         self.train_graph = self.full_graph   # replaced by the pruned graph at every epoch start
         # the train edges (row-major) and their sampling weights ω = 1/√(d_u d_i) (`freedom.py:156-162`)
         self.edge_users = torch.from_numpy(self.pair_users).to(device)
@@ -142,7 +142,7 @@ class FREEDOM(PairwiseModel):
         n_keep = int(len(self.edge_weights) * (1.0 - self.args.dropout))
         kept = torch.multinomial(self.edge_weights, n_keep, replacement=False, generator=self.pruning_generator)
         return symmetric_edge_graph(self.edge_users[kept], self.edge_items[kept], self.data.n_users,
-                                    self.data.n_items)
+                                    self.data.n_items, self.plain)
 
     def pre_epoch(self, epoch: int, timer: PhaseTimer) -> None:
         with timer.phase("pruning"):
@@ -171,11 +171,3 @@ class FREEDOM(PairwiseModel):
         return {"bpr": bpr_loss(user_vec, item_vec, users, positives, negatives),
                 "modal_bpr": self.args.reg_weight * modal}
 
-    def training_state(self) -> dict:
-        state = super().training_state()
-        state["pruning_generator"] = self.pruning_generator.get_state()
-        return state
-
-    def load_training_state(self, state: dict) -> None:
-        super().load_training_state(state)
-        self.pruning_generator.set_state(state["pruning_generator"])

@@ -1,7 +1,7 @@
 """LATTICE (Zhang et al., ACM MM 2021) as MMRec computes it (models/lattice.py, configs/model/LATTICE.yaml).
 
-Item-item graph (SPEC-BASELINES §5; `lattice.py:63-87,132-157`): per modality m a frozen kNN graph of the initial
-raw features, S_m = symnorm(knn_k(cos(X_m))), and a learned one of the projected features,
+Item-item graph (MMRec `src/models/lattice.py:63-87,132-157` at e775373): per modality m a frozen kNN graph of the
+initial raw features, S_m = symnorm(knn_k(cos(X_m))), and a learned one of the projected features,
 T_m = knn_k(cos(Linear_m(X_m))); with α = softmax(w),
 
     G = (1 - λc) · symnorm(Σ_m α_m T_m) + λc · Σ_m α_m S_m
@@ -81,7 +81,7 @@ class LATTICE(PairwiseModel):
         self.features, self.projections = trainable_features(data, args.feat_embed_dim)
         n_modalities = len(data.features)
         self.modal_weight = nn.Parameter(torch.full((n_modalities,), 1.0 / n_modalities))   # MMRec [0.5, 0.5]
-        self.ui_graph = Graph(row_normalized_graph(data.train), device)
+        self.ui_graph = self.as_graph(row_normalized_graph(data.train))
         self.to(device)
         # S_m from the initial raw features, frozen (`lattice.py:63-87`)
         self.frozen_graphs: List[Coo] = [symnorm(knn_coo(*cosine_topk(x, args.knn_k)), data.n_items)
@@ -168,7 +168,8 @@ class LATTICE(PairwiseModel):
             n, (rows, cols, values) = self.data.n_items, graph
             values = values.detach()   # on the device: G and Gᵀ as CSR, no trip through scipy
             self.item_graph = Graph.from_tensors(coo_to_csr((rows, cols, values), (n, n), coalesced=True),
-                                                 coo_to_csr(coalesce((cols, rows, values), n), (n, n), coalesced=True))
+                                                 coo_to_csr(coalesce((cols, rows, values), n), (n, n), coalesced=True),
+                                                 plain=self.plain)
             self.rebuild, self.learned_columns = False, None
             matrix = coo_to_csr(graph, (n, n), coalesced=True)
             user_vec, item_vec = self.propagate_all(lambda h: sparse_product(matrix, h))

@@ -41,7 +41,7 @@ from torch import nn
 from Models.base import PairwiseModel, add_pairwise_args
 from Utils.flags import str2bool
 from Utils.graphs import binary, row_normalized, symmetric_graph
-from Utils.layers import Graph, bpr_loss, emb_loss, info_nce, propagate, xavier_uniform
+from Utils.layers import bpr_loss, emb_loss, info_nce, propagate, xavier_uniform
 
 
 class LGMRec(PairwiseModel):
@@ -57,7 +57,7 @@ class LGMRec(PairwiseModel):
 
     def __init__(self, args: argparse.Namespace, data, device: torch.device):
         super().__init__(args, data, device)
-        d, plain = args.embedding_size, args.kernels == "plain"
+        d = args.embedding_size
         self.user_emb = xavier_uniform(data.n_users, d)
         self.item_emb = xavier_uniform(data.n_items, d)
         # raw features are constants (MMRec from_pretrained(freeze=True)); W_m: d_m -> d, V_m: d_m -> H
@@ -68,11 +68,11 @@ class LGMRec(PairwiseModel):
             self.feature_proj[modality] = xavier_uniform(values.shape[1], d)
             self.hyper_proj[modality] = xavier_uniform(values.shape[1], args.hyper_num)
         self.drop = nn.Dropout(p=1.0 - args.keep_rate)
-        self.graph = Graph(symmetric_graph(data.train), device, symmetric=True, plain=plain)
+        self.graph = self.as_graph(symmetric_graph(data.train), symmetric=True)
         interactions = binary(data.train)
-        self.interactions = Graph(interactions, device, plain=plain)          # R: sums of item rows
+        self.interactions = self.as_graph(interactions)          # R: sums of item rows
         # diag(1/(deg_u + 1e-7)) R: means of the user's item rows (MMRec num_inters, lgmrec.py:37,107)
-        self.user_mean = Graph(row_normalized(interactions, eps=1e-7), device, plain=plain)
+        self.user_mean = self.as_graph(row_normalized(interactions, eps=1e-7))
         self.to(device)
 
     @staticmethod
@@ -159,7 +159,7 @@ class LGMRec(PairwiseModel):
 
     def nce(self, anchor: torch.Tensor, other: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """MMRec ssl_triple_loss: InfoNCE *summed* over the batch nodes, denominator over every row of `other`."""
-        return info_nce(anchor, other, nodes, self.tau, plain=self.args.kernels == "plain") * len(nodes)
+        return info_nce(anchor, other, nodes, self.tau, plain=self.plain) * len(nodes)
 
     def batch_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor]
                    ) -> Dict[str, torch.Tensor]:

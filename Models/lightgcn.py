@@ -13,7 +13,7 @@ import torch
 
 from Models.base import PairwiseModel, add_pairwise_args
 from Utils.graphs import symmetric_graph
-from Utils.layers import Graph, bpr_loss, emb_loss, propagate, xavier_uniform
+from Utils.layers import bpr_loss, emb_loss, propagate, xavier_uniform
 
 
 class LightGCN(PairwiseModel):
@@ -29,7 +29,7 @@ class LightGCN(PairwiseModel):
         super().__init__(args, data, device)
         self.user_emb = xavier_uniform(data.n_users, args.embedding_size)
         self.item_emb = xavier_uniform(data.n_items, args.embedding_size)
-        self.graph = Graph(symmetric_graph(data.train), device, symmetric=True)
+        self.graph = self.as_graph(symmetric_graph(data.train), symmetric=True)
         self.to(device)
 
     @staticmethod

@@ -347,11 +347,11 @@ class MDMNS(DiffMM):
                             "times c); '' = no noisy terms")
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
         """MDMNS's flag, then every check of DiffMM's (its flags are DiffMM's)."""
         if args.guide_fused_hidden_dim < 1:
             return f"--guide_fused_hidden_dim must be at least 1, got {args.guide_fused_hidden_dim}."
-        return super().check(args, data)
+        return super().check_flags(args)
 
     # --- diffusion (§3) ------------------------------------------------------------------------
     def guided_input(self, modality: str, x_t: torch.Tensor, guide: torch.Tensor, users: torch.Tensor

@@ -36,8 +36,9 @@ the gradient penalty's α sized 2·batch_size, per-user Python sampling, DGL, CU
 repeats identical work in their code and has no effect on the output, so it is accepted and not repeated.
 
 Deviations from the authors' procedure around the model (not behind a flag):
-- Evaluation is the package harness's, the same as DiffMM's (the task asks for DiffMM's evaluation and
-  protocols): all-rank over the items not in the user's train list, users with a held-out item, and the
+- Evaluation is the package harness's, the same as DiffMM's (so that MMSSL is compared with
+  DiffMM under one evaluation and both protocols): all-rank over the items not in the user's train list, users
+  with a held-out item, and the
   standard NDCG whose IDCG runs over min(|held-out|, K) positions. MMSSL's batch_test.py takes the IDCG
   over min(hits in its top 50, K) positions (§7), which gives larger NDCG for users with several held-out
   items; Recall and Precision are computed alike in both.
@@ -260,7 +261,6 @@ class MMSSL(RecModel):
         # the batches' draws (§5.1), on the device; saved in last.pt by training_state
         self.rng = torch.Generator(device=device)
         self.rng.manual_seed(args.seed)
-        self.plain = args.kernels == "plain"
         self.top_k = int(data.n_items * args.m_topk_rate)
         # the train matrix on the device (column indices sorted within each row), to sample a batch and
         # densify its rows there (never U x I)
@@ -581,16 +581,14 @@ class MMSSL(RecModel):
     OLD_KEYS = {"generator": "rng"}
 
     def training_state(self) -> dict:
-        """last.pt: best_model.pt's state, the optimisers, plus the discriminator and the batches' random generator."""
+        """last.pt: best_model.pt's state, the optimisers and random generators (the base's), plus the
+        discriminator, which best_model.pt leaves out."""
         state = super().training_state()
         state["discriminator"] = self.discriminator.state_dict()
-        state["rng"] = self.rng.get_state()
         return state
 
     def load_training_state(self, state: dict) -> None:
         state = {self.OLD_KEYS.get(k, k): v for k, v in state.items()}
         stateful = {self.OLD_KEYS.get(k, k): v for k, v in state["stateful"].items()}
-        stateful.setdefault("rng", state["rng"])   # a last.pt whose torch generators were saved apart only
         super().load_training_state(dict(state, stateful=stateful))
         self.discriminator.load_state_dict(state["discriminator"])
-        self.rng.set_state(state["rng"])

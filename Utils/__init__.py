@@ -1,1 +1,2 @@
-"""The bottom layer: metrics, shared layers and kernels, run set-up, generated data, figures (imports nothing above it)."""
+"""The bottom layer: metrics, shared layers and kernels, graphs, flags, run set-up and folder, generated data, figures
+(imports nothing above it)."""

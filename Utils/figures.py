@@ -1,12 +1,16 @@
 """Figures of the paper's experiments from run folders (matplotlib, Agg backend, PNG).
 
     python -m Utils.figures RUN_DIR [RUN_DIR ...] [--out ablation.png] [--modality image] [--data_dir D]
+    python -m Utils.figures --case_stats [--centre] RUN_DIR [RUN_DIR ...]     # Figure 5's statistics only
 
 For every run folder: `curves.png` (losses and val/test metrics per epoch, from metrics.jsonl),
 `groups.png` (Figure 2: test metrics per user group, from summary.json) and `case_study.png`
 (Figure 5: generated edges against item-item feature similarity, from generated_items.npz and the
-dataset's feature file). With two or more run folders: one ablation bar chart (Table 3), bars
-labelled by each run's --ablation. `Utils.sweep` draws its heatmap / lines with `sweep_figure`.
+dataset's feature file; `case_study_stats` over all users). With two or more run folders: one ablation
+bar chart (Table 3), bars labelled by each run's --ablation. `Experiments.sweep` draws its heatmap /
+lines with `sweep_figure`, Table 2 (`Experiments.reproduce`) its bars with `model_group_bars`. Every
+model has its own colour (and a hatch past the palette), an empty user group says "no users", and
+titles are wrapped to their width (docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -386,7 +390,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Draw the paper-experiment figures of DiffMM run folders.")
     p.add_argument("run_dirs", nargs="+", type=Path, help="run folders (from Main.py or Utils.sweep)")
     p.add_argument("--out", type=Path, default=None,
-                   help="ablation chart path when several folders are given (default: <parent of the first>/ablation.png)")
+                   help="ablation chart path when several folders are given "
+                        "(default: <parent of the first>/ablation.png)")
     p.add_argument("--modality", default=None, help="modality of the case study (default: the first generated)")
     p.add_argument("--data_dir", type=Path, default=None, help="dataset root, when not the one in the run's config")
     p.add_argument("--users", type=int, default=3, help="users sampled for the case study")

@@ -174,7 +174,7 @@ def check_disjoint(splits: Splits, sources: Sequence[str]) -> None:
     held-out split can never be recommended (train items are excluded from the ranking), so it
     silently lowers the metrics. `sources` names where each split comes from, for the messages."""
     train = splits[0]
-    for name, source, heldout in zip(SPLIT_NAMES[1:], sources[1:], splits[1:]):
+    for _name, source, heldout in zip(SPLIT_NAMES[1:], sources[1:], splits[1:]):
         both = train.multiply(heldout).nnz
         if both:
             raise DataError(f"{source} has {both} interactions that are also in train ({sources[0]}); a held-out "

@@ -180,14 +180,15 @@ def edge_inverse_sqrt_degrees(users: torch.Tensor, items: torch.Tensor, n_users:
     return d_user[users].pow(-0.5) * d_item[items].pow(-0.5)
 
 
-def symmetric_edge_graph(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int) -> Graph:
+def symmetric_edge_graph(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int, plain: bool = False
+                         ) -> Graph:
     """MMRec's Â_sym (no self-loops, degrees + 1e-7) of a subset of the train edges, both directions, built on
     the edges' device (FREEDOM's pruned graph, src/models/freedom.py:128-143); symmetric, so its own transpose."""
     values = edge_inverse_sqrt_degrees(users, items, n_users, n_items)
     items = items + n_users
     coo = (torch.cat([users, items]), torch.cat([items, users]), torch.cat([values, values]))
     n = n_users + n_items
-    return Graph.from_tensors(coo_to_csr(coalesce(coo, n), (n, n), coalesced=True))
+    return Graph.from_tensors(coo_to_csr(coalesce(coo, n), (n, n), coalesced=True), plain=plain)
 
 
 def one_sided_graphs(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int, plain: bool = False

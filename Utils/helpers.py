@@ -60,7 +60,7 @@ def resolve_threads(spec: str, device: torch.device) -> int:
 
     torch's default counts the machine's cores and ignores the affinity mask, so a job given 2 of 64 cores
     would start 64 threads that fight over 2. Several runs on one machine each take their share (`--threads
-    cores/runs`); the README's "Shared machines and several runs" says why this matters.
+    cores/runs`); docs/performance.md ("Shared machines and several runs") says why this matters.
     """
     default = torch_default_threads()
     allowed = available_cpus()
@@ -121,7 +121,7 @@ def bf16_speedup(size: int = 256, repeats: int = 3) -> float:
 
     Measured rather than read off the flags: AVX512-BF16 without AMX is slower than fp32 on one Intel
     Xeon and twice as fast on an AMD EPYC (Zen 4) of this project, and a CPU with AVX2 only (Zen 3) runs bf16
-    about 100x slower, so the product is small: at 1024 it took 40 s there (README, Performance).
+    about 100x slower, so the product is small: at 1024 it took 40 s there (docs/performance.md).
     """
     a, b = torch.randn(size, 4 * size), torch.randn(4 * size, size)
     seconds = []

@@ -75,10 +75,10 @@ class Graph:
                 "data": self.matrix.values().cpu(), "shape": list(self.shape)}
 
     @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> "Graph":
+    def from_state(cls, state: dict, device: torch.device, plain: bool = False) -> "Graph":
         matrix = sp.csr_matrix((state["data"].numpy(), state["indices"].numpy(), state["indptr"].numpy()),
                                shape=tuple(state["shape"]))
-        return cls(matrix, device)
+        return cls(matrix, device, plain=plain)
 
 
 def propagate(graph: Graph, x: torch.Tensor, layers: int, pooling: str = "mean") -> torch.Tensor:

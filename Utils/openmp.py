@@ -5,7 +5,7 @@ that has finished its share waits for the others, and by default it spins (busy-
 sleeps. On a machine whose cores other processes share, the thread it waits for is often descheduled
 for a whole time slice, and the spinning one burns its own slice waiting: a small product that takes
 25 ms with one thread took 950 ms with two beside one busy process. `OMP_WAIT_POLICY=PASSIVE` makes a
-waiting thread sleep at once, so it gives its core back (README, "Shared machines and several runs").
+waiting thread sleep at once, so it gives its core back (docs/performance.md, "Shared machines and several runs").
 
 libgomp reads the variable once, when torch loads it, so the entry points (Main.py, the drivers,
 evaluate.py, recommend.py, the test suite's conftest.py) import this module before anything imports

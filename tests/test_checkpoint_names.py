@@ -50,9 +50,10 @@ def test_an_mmssl_last_pt_with_the_old_generator_key_resumes_the_same_draws(tiny
     trained = built(tiny_dir, tmp_path, *extra)
     trained.train_epoch(0, PhaseTimer(CPU))
     state = trained.training_state()
-    assert "rng" in state and "generator" not in state
+    assert "rng" in state["stateful"] and "generator" not in state and "generator" not in state["stateful"]
     # the layouts of runs saved before: the generator's state at the top only, or under `generator` in both places
-    top_only = {("generator" if k == "rng" else k): v for k, v in state.items()}
+    top_only = {k: v for k, v in state.items() if k != "stateful"}
+    top_only["generator"] = state["stateful"]["rng"]
     top_only["stateful"] = {k: v for k, v in state["stateful"].items() if k != "rng"}
     both = dict(top_only, stateful={("generator" if k == "rng" else k): v for k, v in state["stateful"].items()})
     for old in (top_only, both):
@@ -69,3 +70,21 @@ def built_copy_batch(model):
     batch = model.sample_batch()
     model.rng.set_state(state)
     return batch
+
+
+def test_torch_generators_are_saved_by_the_base_class_and_old_freedom_files_still_resume(tiny_dir, tmp_path):
+    """FREEDOM's pruning generator is in the base's `stateful` (no per-model override); a last.pt from before,
+    which kept it beside under the same name, loads to the same state."""
+    extra = ("--model", "freedom", "--batch", "8")
+    trained = built(tiny_dir, tmp_path, *extra)
+    trained.pre_epoch(0, PhaseTimer(CPU))
+    trained.train_epoch(0, PhaseTimer(CPU))
+    state = trained.training_state()
+    assert torch.equal(state["stateful"]["pruning_generator"], trained.pruning_generator.get_state())
+    old = dict(state, stateful={k: v for k, v in state["stateful"].items() if k != "pruning_generator"},
+               pruning_generator=state["stateful"]["pruning_generator"])
+    for saved in (state, old):
+        fresh = built(tiny_dir, tmp_path, *extra, seed="2")
+        assert not torch.equal(fresh.pruning_generator.get_state(), trained.pruning_generator.get_state())
+        fresh.load_training_state(saved)
+        assert torch.equal(fresh.pruning_generator.get_state(), trained.pruning_generator.get_state())

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------------------------------------
 
 def ref_schedule(s, gmin, gmax, T):
-    """betas by the authors' recipe (README: diffusion schedule), element by element."""
+    """betas by the authors' recipe (docs/defaults.md: diffusion schedule), element by element."""
     if T == 1:
         variance = [s * gmin]
     else:

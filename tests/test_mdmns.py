@@ -1,10 +1,11 @@
-"""MDMNS (SPEC-MDMNS): its views and summed score, per-view BPR, the all-row NCE and the multi-level noisy contrast,
+"""MDMNS (Models/mdmns.py): its views and summed score, per-view BPR, the all-row NCE and the multi-level noisy contrast,
 the guidance graph and guided diffusion loss, the harness run and the checkpoint.
 
 Every reference is written here: dense float64 transcriptions of the authors' code (full N x N cross-entropy,
 dense (B+I)² guidance adjacency, the forward one modality at a time) or explicit loops."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -128,7 +129,7 @@ def l2(x: torch.Tensor) -> torch.Tensor:
 
 
 def dense_norm(R: np.ndarray) -> torch.Tensor:
-    """D^-½ (A + I) D^-½ of A = [[0, R], [Rᵀ, 0]] (SPEC §2), dense."""
+    """D^-½ (A + I) D^-½ of A = [[0, R], [Rᵀ, 0]] (MDMNS's guidance graph, Models/mdmns.py), dense."""
     U, I = R.shape
     A = np.zeros((U + I, U + I))
     A[:U, U:], A[U:, :U] = R != 0, (R != 0).T
@@ -294,7 +295,7 @@ def test_guided_losses_feed_the_guided_scores_and_restore_the_mse(registered, ti
 
     elbo, msi, weight = guided_losses(diffusion, denoiser, x0, item_emb, feat, guidance)
     assert seen["input"] is seen["S"]
-    # the schedule of SPEC §5 written out: ᾱ, SNR, w_t = SNR(t-1) - SNR(t), w_0 = 1
+    # DiffMM's diffusion schedule written out: ᾱ, SNR, w_t = SNR(t-1) - SNR(t), w_0 = 1
     variance = np.linspace(0.1 * 1e-4, 0.1 * 0.02, 4)
     betas = [1e-4] + [min(1 - (1 - variance[k]) / (1 - variance[k - 1]), 0.999) for k in range(1, 4)]
     alpha_bar = np.cumprod(1 - np.array(betas))
@@ -329,7 +330,8 @@ def test_guide_at_sampling_feeds_the_guided_scores_to_the_reverse_steps(register
         model = tiny_model(tiny_dir, tmp_path, "--guide_at_sampling", at_sampling, "--guide_fresh_per_call", fresh)
         calls = []
         guided_input = model.guided_input
-        model.guided_input = lambda m, x_t, guide, users: calls.append(m) or guided_input(m, x_t, guide, users)
+        model.guided_input = (lambda m, x_t, guide, users, calls=calls, guided_input=guided_input:
+                              calls.append(m) or guided_input(m, x_t, guide, users))
         model.rebuild_graphs()
         # one call per reverse step, batch and modality with the flag, none without (the authors' sampling)
         assert len(calls) == (2 * model.args.steps if at_sampling == "true" else 0)
@@ -377,6 +379,15 @@ def test_clamped_guidance_saturates_the_denoisers_input_layer_on_tiktok_rows(reg
             (elbo.mean() + args.e_loss * msi.mean()).backward()
             negative = (1.0 + seen["x_t"].sum(1)) < 0                # the noisy user degrees, counted here
             input_grads[degree, m] = torch.count_nonzero(denoiser.in_layers[0].weight.grad)
+            row_max = seen["S"].abs().amax(1)
+            saturated = (F.linear(seen["S"], denoiser.input_weight()).abs() >= 9).float().mean()
+            print(f"{degree} {m}: negative rows {int(negative.sum())}/{len(negative)}, item columns "
+                  f"{int(((1.0 + seen['x_t'].sum(0)) < 0).sum())}; max|S| per row {float(row_max[negative].min()):.1e}"
+                  f"..{float(row_max[negative].max()):.1e} (negative rows), median "
+                  f"{float(row_max[~negative].median()):.1e} (others); |W_x S| >= 9: {float(saturated):.1%}; "
+                  f"input-layer gradient entries != 0: "
+                  f"{int(input_grads[degree, m])}, output layer: "
+                  f"{int(torch.count_nonzero(denoiser.out_layers[-1].weight.grad))}")   # docs/siblings.md (-s)
             assert torch.count_nonzero(denoiser.out_layers[-1].weight.grad) > 0
             if degree == "clamp":
                 assert 0.05 < float(negative.float().mean()) < 0.30, float(negative.float().mean())
@@ -409,12 +420,13 @@ def test_trains_beats_popularity_and_reloads_to_identical_scores(registered, tmp
 
 
 def test_check_gives_one_sentence_for_impossible_configurations(registered, tiny_dir, tmp_path):
-    def problem(*extra):
-        args = parse_args(tiny_args(tiny_dir, tmp_path, "--model", "mdmns", *extra))
-        return MDMNS.check(args, Main.load_run_data(args, True))
-
-    assert problem() is None
-    for extra in (("--guide_fused_hidden_dim", "0"), ("--keepRate", "0"), ("--temp", "0"),
-                  ("--sampling_steps", "9"), ("--rebuild_k", "99")):
-        sentence = problem(*extra)
-        assert sentence and sentence.endswith(".") and sentence.count(". ") == 0, (extra, sentence)
+    args = parse_args(tiny_args(tiny_dir, tmp_path, "--model", "mdmns"))
+    data = Main.load_run_data(args, True)
+    assert MDMNS.check(args, data) is None
+    for flag, value in (("guide_fused_hidden_dim", 0), ("keepRate", 0.0), ("temp", 0.0), ("sampling_steps", 9),
+                        ("rebuild_k", 99)):
+        sentence = MDMNS.check(argparse.Namespace(**{**vars(args), flag: value}), data)
+        assert sentence and sentence.endswith(".") and sentence.count(". ") == 0, (flag, sentence)
+        if flag != "rebuild_k":   # needs no data: the command line is refused when parsed (check_flags)
+            with pytest.raises(SystemExit):
+                parse_args(tiny_args(tiny_dir, tmp_path, "--model", "mdmns", f"--{flag}", str(value)))

@@ -1,6 +1,6 @@
 """DiffMM (paper Eq. 15-23, 18-19, 25): the recommender's main view and contrastive views, InfoNCE, the contrastive and BPR losses.
 
-The reference is a plain dense float64 numpy transcription of the authors' forward (README: modality aggregation), one modality at a time."""
+The reference is a plain dense float64 numpy transcription of the authors' forward (docs/defaults.md: modality aggregation), one modality at a time."""
 from __future__ import annotations
 
 import math

@@ -183,8 +183,9 @@ def test_the_model_uses_the_chosen_path_and_hidden_is_refused_where_not_exact(ti
         args = parse_args(tiny_args(tiny_dir, tmp_path / name, *extra))
         built[name] = Main.build_model(args, data, torch.device("cpu")).hidden_reverse
     assert built == {"one_step": False, "many_steps": True, "forced": True, "direct": False}
-    code = Main.main(tiny_args(tiny_dir, tmp_path / "bad", "--reverse", "hidden", "--norm", "true"))
-    assert code == 2 and "--reverse hidden is exact only with" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:   # refused when the command line is parsed (DiffMM.check_flags)
+        Main.main(tiny_args(tiny_dir, tmp_path / "bad", "--reverse", "hidden", "--norm", "true"))
+    assert stopped.value.code == 2 and "--reverse hidden is exact only with" in capsys.readouterr().err
 
 
 def test_diffrec_auto_follows_its_evaluation_batch(tiny_dir, tmp_path):

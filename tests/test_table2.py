@@ -255,6 +255,8 @@ def test_comparison_tex_compiles_with_pdflatex(table, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "comparison.pdf").read_bytes()[:5] == b"%PDF-"
+    log = (tmp_path / "comparison.log").read_text(errors="replace")
+    assert "Float too large" not in log and "Overfull" not in log       # the table fits its page
 
 
 def test_a_missing_per_user_file_is_a_note_not_a_failure(tmp_path):

@@ -243,10 +243,24 @@ def convert(args: argparse.Namespace) -> Dict[str, object]:
             "modalities": list(features)}
 
 
+# `prepare.py raw --help`'s example, run as written by tests/test_formats.py (in a folder holding these files)
+RAW_EXAMPLE = ("example (ratings.csv: user,item,timestamp; img.npy: one row per line of img_ids.txt;\n"
+               "text.csv: the item id, then the values):\n"
+               "  python prepare.py raw --interactions ratings.csv --features image=img.npy:img_ids.txt "
+               "text=text.csv \\\n"
+               "      --out Datasets/mydata --min_user 5 --min_item 5 --split random --seed 999 --layout diffmm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    raw = commands.add_parser("raw", help="a raw interaction table and feature files to a dataset folder")
+    raw = commands.add_parser(
+        "raw", formatter_class=_HelpFormatter, help="a raw interaction table and feature files to a dataset folder",
+        description="A raw interaction table (CSV/TSV with a header; any id strings) and per-modality feature\n"
+                    "files keyed by raw item id to a new dataset folder: duplicates kept once, items without\n"
+                    "features dropped (or zero rows), a k-core filter, ids remapped (user_ids.txt, item_ids.txt),\n"
+                    "a per-user split. `python prepare.py --help` says each step in full.",
+        epilog=RAW_EXAMPLE)
     raw.add_argument("--interactions", required=True, help="CSV/TSV with a header: user, item[, timestamp]")
     raw.add_argument("--user_col", default="user", help="the user column of the header")
     raw.add_argument("--item_col", default="item", help="the item column of the header")
@@ -260,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     raw.add_argument("--seed", default=999, type=int, help="seed of the random split (MMRec's is 999)")
     raw.add_argument("--layout", default="diffmm", choices=LAYOUTS, help="layout of the written folder")
     raw.add_argument("--out", required=True, help="the new dataset folder (must not hold files)")
-    conv = commands.add_parser("convert", help="a dataset folder in one layout to a new folder in another")
+    conv = commands.add_parser(
+        "convert", formatter_class=_HelpFormatter, help="a dataset folder in one layout to a new folder in another",
+        epilog="example:\n  python prepare.py convert --data tiktok --data_dir Datasets --to mmrec "
+               "--out Datasets/tiktok_mmrec")
     conv.add_argument("--data", required=True, help="dataset folder name under --data_dir")
     conv.add_argument("--data_dir", default="Datasets", help="folder holding the dataset folder")
     conv.add_argument("--format", default="auto", choices=("auto",) + LAYOUTS, help="layout of the input")

@@ -110,3 +110,36 @@ class NaNModel(_RecModel):
 
     def embeddings(self):
         return self.user_emb, self.item_emb
+
+
+def tiny_encoders(root: Path, words) -> tuple:
+    """A 1-layer BERT Sentence-BERT with a word-level tokenizer over `words`, and a tiny transformers ResNet with its
+    image processor, saved under `root` (no download): the paths of the two (tests of prepare.py features)."""
+    import sentence_transformers as st
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    bert = root / "bert"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                         sep_token="[SEP]", mask_token="[MASK]").save_pretrained(bert)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32,
+                                                   max_position_embeddings=64)).save_pretrained(bert)
+    try:
+        from sentence_transformers.sentence_transformer import modules as st_modules
+    except ImportError:
+        from sentence_transformers import models as st_modules
+    st.SentenceTransformer(modules=[st_modules.Transformer(str(bert)), st_modules.Pooling(16, "mean")]).save(
+        str(root / "st"))
+    hf = root / "hf_resnet"
+    torch.manual_seed(0)
+    transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
+                                                       layer_type="basic")).save_pretrained(hf)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(hf)
+    return root / "st", hf

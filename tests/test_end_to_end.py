@@ -18,7 +18,7 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
+from conftest import tiny_encoders  # noqa: E402
 
 import Main  # noqa: E402
 import api  # noqa: E402
@@ -56,37 +56,6 @@ def write_shop(root):
     return bought
 
 
-def tiny_encoders(root):
-    """A 1-layer BERT Sentence-BERT with a word-level tokenizer, and a tiny transformers ResNet, saved locally."""
-    import sentence_transformers as st
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
-                                                                                                ("[SEP]", 3)])
-    bert = root / "bert"
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                         sep_token="[SEP]", mask_token="[MASK]").save_pretrained(bert)
-    torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                                   num_attention_heads=2, intermediate_size=32,
-                                                   max_position_embeddings=64)).save_pretrained(bert)
-    try:
-        from sentence_transformers.sentence_transformer import modules as st_modules
-    except ImportError:
-        from sentence_transformers import models as st_modules
-    st.SentenceTransformer(modules=[st_modules.Transformer(str(bert)), st_modules.Pooling(16, "mean")]).save(
-        str(root / "st"))
-    hf = root / "hf_resnet"
-    transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
-                                                       layer_type="basic")).save_pretrained(hf)
-    transformers.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(hf)
-    return root / "st", hf
-
-
 def numpy_features(root, folder):
     """Without the encoders: text rows from a bag of the title's words, image rows random (item_ids.txt order)."""
     item_ids = (folder / "item_ids.txt").read_text().splitlines()
@@ -108,7 +77,7 @@ def test_raw_files_to_recommendations(tmp_path, capsys):
     assert (folder / "user_ids.txt").is_file() and (folder / "item_ids.txt").is_file()
 
     if ENCODERS:
-        text_model, image_model = tiny_encoders(tmp_path)
+        text_model, image_model = tiny_encoders(tmp_path, WORDS)
         assert prepare.main(["features", "--data", "shop", "--data_dir", str(data_dir), "--items",
                              str(tmp_path / "items.csv"), "--id_col", "product", "--text_cols", "title",
                              "--text_model", str(text_model), "--images", str(tmp_path / "images"), "--image_model",

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import prepare  # noqa: E402
+from conftest import tiny_encoders  # noqa: E402
 from Utils import encoders  # noqa: E402
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed "
@@ -83,35 +84,9 @@ def world(tmp_path_factory):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / f"{twice}.tif")  # not first by name
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "ghost.png")
 
-    # a tiny Sentence-BERT: a 1-layer BERT, a word-level tokenizer, mean pooling
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
-                                                                                                ("[SEP]", 3)])
-    bert = root / "bert"
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                         sep_token="[SEP]", mask_token="[MASK]").save_pretrained(bert)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64)
-    transformers.BertModel(config).save_pretrained(bert)
-    try:  # sentence-transformers >= 6 (the old path still works there, with a deprecation warning)
-        from sentence_transformers.sentence_transformer import modules as st_modules
-    except ImportError:
-        from sentence_transformers import models as st_modules
-    st.SentenceTransformer(modules=[st_modules.Transformer(str(bert)), st_modules.Pooling(16, "mean")]).save(
-        str(root / "st"))
-
-    # a tiny transformers ResNet with its image processor
-    hf = root / "hf_resnet"
-    torch.manual_seed(0)
-    transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
-                                                       layer_type="basic")).save_pretrained(hf)
-    transformers.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(hf)
+    st_path, hf = tiny_encoders(root, WORDS)
     return {"root": root, "item_ids": item_ids, "texts": texts, "no_row": no_row, "empty": empty,
-            "no_image": no_image, "broken": broken, "twice": twice, "st": root / "st", "hf": hf, "images": images}
+            "no_image": no_image, "broken": broken, "twice": twice, "st": st_path, "hf": hf, "images": images}
 
 
 def fresh(world, name: str) -> Path:

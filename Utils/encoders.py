@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from DataHandler import feature_files, load_features
 from Utils.formats import DataError, check_disjoint, detect_layout, read_splits, write_dataset
-from Utils.helpers import resolve_device, resolve_threads
+from Utils.helpers import atomic_write, resolve_device, resolve_threads
 
 log = logging.getLogger("diffmm")
 
@@ -394,16 +394,12 @@ def _fingerprint(inputs: Inputs, model: Dict[str, object], chunk_size: int, n_it
 
 
 def _write_atomic(path: Path, write: Callable) -> None:
-    """Write through `.<name>.tmp` in the same folder and rename: a kill leaves no half-written `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """`write(binary file)` into `path` by the package's atomic writer: a kill leaves no half-written `path`."""
+    def to_file(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({e.strerror or e}); free some space or make the folder writable, then "
-                        f"run the same command again (finished chunks are kept).") from None
+
+    atomic_write(path, to_file, then="run the same command again (finished chunks are kept)")
 
 
 def _read_chunk(path: Path, size: int) -> Optional[Dict[str, np.ndarray]]:

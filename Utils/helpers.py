@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 import scipy
@@ -144,9 +144,10 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, then: Optional[str] = None) -> None:
     """Write `path` through a temporary file in the same folder and rename it into place, so that a kill
-    leaves either the old file or the new one, never half of one. `write(tmp_path)` writes the content."""
+    leaves either the old file or the new one, never half of one. `write(tmp_path)` writes the content;
+    `then` ends the one-sentence error (default: resume the run the file belongs to)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
@@ -154,7 +155,7 @@ def atomic_write(path: Path, write) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path} ({e.strerror or e}); free some space or make the folder writable, "
-                         f"then resume with --resume {path.parent}.") from None
+                         f"then {then or f'resume with --resume {path.parent}'}.") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from DataHandler import Data, DataError, load_data
-from Models import get_model
+from Models import get_model, model_names
 from Models.base import RecModel
 from Params import parse_args
 from Utils import run_folder
@@ -33,18 +33,47 @@ from Utils.helpers import (PhaseTimer, UsageError, bf16_speedup, cpu_flags, defe
                            device_name, duration, exit_on_interrupt, matmul_precision, package_versions, resolve_device,
                            resolve_threads, rng_state, run_log, seed_everything, set_rng_state, setup_logging)
 from Utils.metrics import dot_scorer, evaluate, group_metrics, per_user_metrics, popularity_scores
-from Utils.synthetic import write_synthetic
+from Utils.memory import check_fits, feature_array_bytes
+from Utils.synthetic import ensure_synthetic
 
 log = logging.getLogger("diffmm")
 
 
-def load_run_data(args: argparse.Namespace, needs_features: bool) -> Data:
-    """The dataset of the run; the default 'synthetic' one is generated on first use."""
+def load_run_data(args: argparse.Namespace, needs_features: bool, generate: bool = False) -> Data:
+    """The dataset of the run. `generate`: write the default 'synthetic' one on first use; only a new training
+    run (`run`) asks for it, where --data_dir is the command line's: a reloaded or resumed run takes its data_dir
+    from a checkpoint, and a checkpoint must not decide where files are written."""
     data_dir = Path(args.data_dir)
-    if args.data == "synthetic" and not (data_dir / "synthetic" / "trnMat.pkl").is_file():
-        log.info(f"writing the generated dataset to {data_dir / 'synthetic'} (generated, not real data)")
-        write_synthetic(data_dir / "synthetic")
-    return load_data(args.data, data_dir, args.modalities, needs_features=needs_features, layout=args.format)
+    if generate and args.data == "synthetic":
+        ensure_synthetic(data_dir / "synthetic")  # written whole, or again when a kill left it partial
+    return load_data(args.data, data_dir, args.modalities, needs_features=needs_features, layout=args.format,
+                     check_widths=lambda widths, files, n_users, n_items: check_memory(args, widths, files, n_users,
+                                                                                       n_items))
+
+
+def check_memory(args: argparse.Namespace, widths: Dict[str, int], files: Dict[str, Path], n_users: int,
+                 n_items: int) -> None:
+    """Refuse a run whose parameters and optimiser cannot fit the device's free memory (`Utils/memory.py`), from
+    the data's shapes, before the feature arrays are read."""
+    parts = get_model(args.model).parameter_sizes(args, n_users, n_items, widths)
+    check_fits(parts, feature_array_bytes(n_items, widths), resolve_device(args.device, args.gpu), files, args.model)
+
+
+def checkpoint_args(state: dict, path: Path) -> argparse.Namespace:
+    """A checkpoint's configuration as the run's arguments; one sentence when it names no registered model."""
+    args = argparse.Namespace(**state["config"])
+    if args.model not in model_names():
+        raise UsageError(f"{path} names the unknown model {args.model!r} (the known models are "
+                         f"{', '.join(model_names())}); use the file the run wrote, or train the run again.")
+    return args
+
+
+def require_dataset(args: argparse.Namespace, then: str) -> None:
+    """UsageError, one sentence, when the run's dataset folder is not in its data_dir; `then` says what to do."""
+    folder = Path(args.data_dir) / args.data
+    if not folder.is_dir():
+        raise UsageError(f"the run's dataset {args.data} is not in {args.data_dir} (there is no folder {folder}); "
+                         f"{then}.")
 
 
 @torch.no_grad()
@@ -82,16 +111,31 @@ def load_trained(run_dir: Path, data_dir: Optional[str] = None, device: str = "a
 
     `data_dir` points to the dataset's folder when it has moved since the run; the model is in eval mode.
     `state`: best_model.pt when the caller has read it already (`api.load`).
+    Nothing is written: the dataset is read from `data_dir` (else the run's own), never generated there.
     """
     state = state if state is not None else run_folder.load_best(run_dir)
-    args = argparse.Namespace(**state["config"])
+    args = checkpoint_args(state, Path(run_dir) / run_folder.BEST)
     if data_dir is not None:
         args.data_dir = data_dir
+    require_dataset(args, "pass the folder that holds it: data_dir=... to api.load, --data_dir to evaluate.py and "
+                          "recommend.py")
     data = load_run_data(args, get_model(args.model).needs_features)
     model = build_model(args, data, resolve_device(device, args.gpu))
-    model.load_checkpoint_state(state)
+    restore_checkpoint(model, state, Path(run_dir) / run_folder.BEST, model.load_checkpoint_state)
     model.eval()
     return args, data, model
+
+
+def restore_checkpoint(model: RecModel, state: dict, path: Path, load: Callable[[dict], None]) -> None:
+    """`load(state)` (the model's load_checkpoint_state or load_training_state); a checkpoint whose model part
+    does not fit the model its configuration builds (a key missing, a tensor of another shape) is one sentence."""
+    try:
+        load(state)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise run_folder.RunFolderError(f"{path} does not hold the {model.name} model its configuration describes "
+                                        f"({type(e).__name__}: {reason[:200]}); use the file the run wrote, or train "
+                                        f"the run again.") from None
 
 
 def fmt(metrics: Dict[str, float], k: int) -> str:
@@ -171,34 +215,42 @@ def run(args: argparse.Namespace, on_epoch: Optional[Callable[[dict], None]] = N
     Logging: adds the run's log.txt to the 'diffmm' logger for the run's duration and removes it
     afterwards; the caller's console set-up is left as it is.
     """
+    allow_shared_dir = getattr(args, "allow_shared_dir", False)  # arguments built before the flag: False
     if args.resume:
-        return resume(Path(args.resume), quiet=args.quiet, epoch=args.epoch, threads=args.threads, on_epoch=on_epoch)
+        return resume(Path(args.resume), quiet=args.quiet, epoch=args.epoch, threads=args.threads, on_epoch=on_epoch,
+                      allow_shared_dir=allow_shared_dir)
     device = resolve_device(args.device, args.gpu)
     resolve_threads(args.threads, device)
     model_class = get_model(args.model)
-    data = load_run_data(args, model_class.needs_features)
+    data = load_run_data(args, model_class.needs_features, generate=True)
     problem = model_class.check(args, data)
     if problem:
         raise UsageError(problem)
     if getattr(args, "tensorboard", False):
         run_folder.require_tensorboard()
     with matmul_precision(args.precision, device):  # checked (tf32 on a CPU) before the run folder is made
-        run_dir = run_folder.make_run_dir(args.out_dir, args.data, args.model)
+        run_dir = run_folder.make_run_dir(args.out_dir, args.data, args.model, allow_shared_dir)
         with run_log(run_dir):
             return train_and_report(args, data, device, run_dir, on_epoch=on_epoch)
 
 
 def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, threads: Optional[str] = None,
-           on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+           on_epoch: Optional[Callable[[dict], None]] = None, allow_shared_dir: bool = False) -> dict:
     """Continue the run in `run_dir` from its last completed epoch, with its own configuration.
 
     `epoch`: a new total number of epochs (to give a long run more, or to end it early: at or below the
     epochs already run, it ends now and writes its summary). `threads`: the CPU threads of this machine's share
     (a run resumed elsewhere need not use the threads it started with; it changes no number but speed).
+    `allow_shared_dir`: resume even where other users can write `run_dir` (--allow_shared_dir).
+    What last.pt's configuration may not decide: the run folder (it stays `run_dir`, whatever out_dir it names),
+    --allow_shared_dir (the command line's), and where data is written (its dataset is read, never generated).
     """
+    run_dir = Path(run_dir)
+    run_folder.refuse_shared(run_dir, allow_shared_dir, "resume the run")
     state = run_folder.load_last(run_dir)
-    args = argparse.Namespace(**state["config"])
-    args.quiet, args.resume = quiet or args.quiet, None
+    args = checkpoint_args(state, run_dir / run_folder.LAST)
+    args.quiet, args.resume = quiet or getattr(args, "quiet", False), None
+    args.out_dir, args.allow_shared_dir = str(run_dir), allow_shared_dir
     if epoch is not None and epoch != args.epoch:
         log.info(f"{run_dir}: the run now ends after at most {epoch} epochs (it was {args.epoch})")
         args.epoch = epoch
@@ -210,6 +262,8 @@ def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, thre
     device = resolve_device(args.device, args.gpu)
     args.threads = threads if threads is not None else getattr(args, "threads", "auto")  # runs older than --threads
     resolve_threads(args.threads, device)
+    require_dataset(args, f"put it back there to resume the run (a resumed run reads the data folder its "
+                          f"{run_folder.LAST} names, and never writes one)")
     data = load_run_data(args, get_model(args.model).needs_features)
     run_folder.write_config(run_dir, vars(args))  # the run's configuration as it goes on (a new --epoch, --threads)
     with matmul_precision(args.precision, device), run_log(run_dir):
@@ -259,8 +313,9 @@ def start_training(args: argparse.Namespace, data: Data, device: torch.device, r
     log.info(f"popularity baseline, test: {fmt(popularity['test'], args.topk)}")
     if resume_state is None:
         return model, popularity, [], EarlyStopping(args.topk, args.patience)
-    model.load_training_state(resume_state["model"])
-    set_rng_state(resume_state["rng"])
+    # args.out_dir is the resumed folder (`resume` sets it): a last.pt that does not fit is one sentence naming it
+    restore_checkpoint(model, resume_state, Path(args.out_dir) / run_folder.LAST,
+                       lambda state: (model.load_training_state(state["model"]), set_rng_state(state["rng"])))
     harness = resume_state["harness"]
     return model, popularity, harness["history"], EarlyStopping(args.topk, args.patience, harness)
 

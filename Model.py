@@ -1,6 +1,7 @@
 """DiffMM (Jiang et al., ACM MM 2024): the multi-modal recommender, the graph generators (the denoiser with the
-Gaussian diffusion; the VGAE of an ablation), and `DiffMM`, the model the harness trains (one epoch: graph
-generators, graph rebuild, negatives, recommender), with its flags and their checks.
+Gaussian diffusion, both in `Models/diffusion.py`, which MDMNS and DiffRec share; the VGAE of an ablation), and
+`DiffMM`, the model the harness trains (one epoch: graph generators, graph rebuild, negatives, recommender), with
+its flags and their checks.
 
 Equation numbers are the paper's. Where the default follows the authors' code rather than an equation,
 docs/defaults.md says how and why.
@@ -8,7 +9,6 @@ docs/defaults.md says how and why.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
@@ -21,10 +21,13 @@ from torch import nn
 
 from DataHandler import Data, DeviceRows, device_batches, sample_negatives, train_pairs, user_batches
 from Models.base import RecModel
-from Utils.flags import int_list, str2bool, unit_float
+from Models.diffusion import (Denoiser, GaussianDiffusion, add_diffusion_args, check_diffusion_flags, reverse_scorer,
+                              use_hidden_reverse)
+from Utils.flags import unit_float
 from Utils.graphs import drop_edges, normalized_graph
 from Utils.helpers import PhaseTimer
 from Utils.layers import Graph, bpr_loss, info_nce, propagate
+from Utils.memory import linear_entries
 
 Views = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -107,23 +110,27 @@ class Recommender(nn.Module):
             modal.append(z)
         return modal, view_inputs
 
+    def fuse(self, modal: Sequence[torch.Tensor]) -> torch.Tensor:
+        """H0 = Σ_m softmax(κ)_m z_m, the modality views weighted by the softmax of `modal_weight` κ (Eq. 21)."""
+        weights = torch.softmax(self.modal_weight, dim=0)
+        fused = 0.0
+        for k, z in enumerate(modal):
+            fused = fused + weights[k] * z
+        return fused
+
     def forward(self, adj: Graph, modal_graphs: Dict[str, Graph], with_views: bool = False,
                 view_graphs: Optional[Dict[str, Graph]] = None) -> Tuple[torch.Tensor, torch.Tensor, Views]:
         """Main-view user and item vectors (`forward_MM`), plus the contrastive views (`forward_cl_MM`).
 
         With z_m and view_m^0 of `modal_embeddings`:
-            H0  = Σ_m softmax(κ)_m z_m;   H = Σ_l adj^l H0 + ω normalise(H0)     (Eq. 23, ω = ris_lambda)
+            H0  = Σ_m softmax(κ)_m z_m (`fuse`);   H = Σ_l adj^l H0 + ω normalise(H0)     (Eq. 23, ω = ris_lambda)
             view_m = Σ_l adj^l view_m^0
         The main view and the views share the feature transforms and one propagation (stacked columns).
         `view_graphs` (--fusion_ratio > 0) replaces Âm in the views only; by default the views use Âm.
         """
         d = self.user_emb.shape[1]
         modal, view_inputs = self.modal_embeddings(adj, modal_graphs, with_views, view_graphs)
-        weights = torch.softmax(self.modal_weight, dim=0)
-        fused = 0.0
-        for k, z in enumerate(modal):
-            fused = fused + weights[k] * z
-
+        fused = self.fuse(modal)
         pooled = propagate(adj, torch.cat([fused] + view_inputs, dim=1), self.gnn_layer, "sum")
         main = pooled[:, :d] + self.ris_lambda * F.normalize(fused)
         views = [(v[: self.n_users], v[self.n_users:]) for v in pooled[:, d:].split(d, dim=1)] if with_views else []
@@ -252,239 +259,28 @@ class VGAE(GraphGenerator):
 
 
 # ---------------------------------------------------------------------------------------------
-# Denoiser (Eq. 13)
+# DiffMM's graph generator: the denoiser of the shared diffusion (Models/diffusion.py, Eq. 2-14)
 # ---------------------------------------------------------------------------------------------
 
-def step_embedding(steps: torch.Tensor, size: int) -> torch.Tensor:
-    """Sinusoidal embedding of the diffusion step: [cos(t ω_k), sin(t ω_k)], ω_k = 10000^(-k/(size/2))."""
-    half = size // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=steps.device) / half)
-    angles = steps[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-    if size % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+def msi_weight(args: argparse.Namespace) -> Optional[float]:
+    """λ0 of the MSI term (Eq. 24): --e_loss, or None with --ablation no_msi (Table 3 "w/o MSI": the term dropped)."""
+    return None if args.ablation == "no_msi" else args.e_loss
 
 
-def message_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout of the input row (as nn.Dropout), with the mask built in place: ~2x faster on CPU."""
-    keep = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
-    return keep.mul_(x)
-
-
-class Denoiser(nn.Module):
-    """MLP x̂0 = f([x_t ; emb(t)]) over the I items of a user row (Eq. 13).
-
-    `dims` are the hidden sizes as the authors give them: output side dims + [I], input side its
-    reverse, so `[1000]` means I+emb -> 1000 -> I.
-    """
-
-    def __init__(self, n_items: int, dims: Sequence[int], emb_size: int, norm: bool, dropout: float = 0.5):
-        super().__init__()
-        out_dims = list(dims) + [n_items]
-        in_dims = [n_items + emb_size] + out_dims[::-1][1:]
-        self.emb_size, self.norm = emb_size, norm
-        self.emb_layer = nn.Linear(emb_size, emb_size)
-        self.in_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(in_dims[:-1], in_dims[1:]))
-        self.out_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(out_dims[:-1], out_dims[1:]))
-        self.dropout = dropout
-        for layer in [self.emb_layer, *self.in_layers, *self.out_layers]:
-            std = math.sqrt(2.0 / (layer.in_features + layer.out_features))
-            nn.init.normal_(layer.weight, 0.0, std)
-            nn.init.normal_(layer.bias, 0.0, 0.001)
-
-    def forward(self, x: torch.Tensor, steps: torch.Tensor, mess_dropout: bool = True) -> torch.Tensor:
-        emb = self.emb_layer(step_embedding(steps, self.emb_size))
-        if self.norm:
-            x = F.normalize(x)
-        if mess_dropout and self.training:
-            x = message_dropout(x, self.dropout)
-        # The first layer on [x ; emb] as two products: same result, but autograd then needs no
-        # gradient for the I-wide input x (only for the small step embedding).
-        return self.out_layers[-1](self.hidden(F.linear(x, self.input_weight()), emb))
-
-    def input_weight(self) -> torch.Tensor:
-        """W_x: the first layer's weights on the I item inputs (hidden x I); the rest act on emb(t)."""
-        return self.in_layers[0].weight[:, : self.out_layers[-1].out_features]
-
-    def hidden(self, first_input: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The input of the last (I-wide) layer, from W_x x and the step embedding emb(t)."""
-        first = self.in_layers[0]
-        h = torch.tanh(first_input + F.linear(emb, first.weight[:, self.input_weight().shape[1]:], first.bias))
-        for layer in self.in_layers[1:]:
-            h = torch.tanh(layer(h))
-        for layer in self.out_layers[:-1]:
-            h = torch.tanh(layer(h))
-        return h
-
-
-# ---------------------------------------------------------------------------------------------
-# Gaussian diffusion (Eq. 2-14)
-# ---------------------------------------------------------------------------------------------
-
-def noise_schedule(noise_scale: float, noise_min: float, noise_max: float, steps: int,
-                   beta_fixed: float = 1e-4) -> np.ndarray:
-    """β_t (float64): variance_t linear in [s γmin, s γmax], β_t = 1 - ᾱ_t/ᾱ_{t-1} capped at 0.999, β_0 = `beta_fixed`
-    (the authors' 1e-4; DiffRec's 1e-5)."""
-    variance = np.linspace(noise_scale * noise_min, noise_scale * noise_max, steps, dtype=np.float64)
-    alpha_bar = 1.0 - variance
-    betas = np.empty(steps, dtype=np.float64)
-    betas[0] = 1.0 - alpha_bar[0]
-    betas[1:] = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
-    betas[0] = beta_fixed
-    return betas
-
-
-class GaussianDiffusion:
-    """Forward noising, the ELBO + MSI training loss, and reverse sampling with one shared schedule."""
-
-    def __init__(self, noise_scale: float, noise_min: float, noise_max: float, steps: int, device: torch.device,
-                 beta_fixed: float = 1e-4):
-        self.noise_scale, self.steps, self.device = noise_scale, steps, device
-        betas = torch.tensor(noise_schedule(noise_scale, noise_min, noise_max, steps, beta_fixed), dtype=torch.float64)
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, 0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        table = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "posterior_variance": posterior_variance,
-            # log of the posterior variance with step 0 replaced by step 1 (variance 0 at t=0)
-            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-        }
-        for name, value in table.items():
-            setattr(self, name, value.to(device))
-        # the reverse chain's coefficients as Python floats (their float32 values), which `p_sample_hidden` reads
-        # at every step: from the device tables, each read would be a device synchronisation
-        self.host_coef1 = table["posterior_mean_coef1"].float().tolist()
-        self.host_coef2 = table["posterior_mean_coef2"].float().tolist()
-
-    @staticmethod
-    def _at(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """coef[t] as a float32 column, broadcastable against (batch, items)."""
-        return coef[t].float()[:, None]
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t)."""
-        return self.alphas_cumprod[t] / (1.0 - self.alphas_cumprod[t])
-
-    def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """w_t = SNR(t-1) - SNR(t) for t > 0 and 1 for t = 0 (Eq. 11)."""
-        weight = self.snr((t - 1).clamp(min=0)) - self.snr(t)
-        return torch.where(t == 0, torch.ones_like(weight), weight)
-
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor = None) -> torch.Tensor:
-        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε (Eq. 3)."""
-        if noise is None:
-            noise = torch.randn_like(x0)
-        return self._at(self.sqrt_alphas_cumprod, t) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t) * noise
-
-    def posterior_mean(self, x0_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean of q(x_{t-1} | x_t, x̂0) (Eq. 8)."""
-        return self._at(self.posterior_mean_coef1, t) * x0_hat + self._at(self.posterior_mean_coef2, t) * x_t
-
-    def training_losses(self, denoiser: Denoiser, x0: torch.Tensor, item_emb: torch.Tensor, modal_feat: torch.Tensor,
-                        t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-row ELBO term w_t · mean_i (x0 - x̂0)² (Eq. 11-13) and MSI term mean_d (x̂0 f_m - x0 Ei)² (Eq. 14).
-
-        `item_emb` and `modal_feat` must be detached: the diffusion loss does not train the recommender.
-        The steps `t` and the noise ε are drawn here unless given (tests feed the same draws to two devices).
-        """
-        if t is None:
-            t = torch.randint(0, self.steps, (x0.shape[0],), device=x0.device)
-        x_t = self.q_sample(x0, t, noise) if self.noise_scale != 0 else x0
-        x0_hat = denoiser(x_t, t).float()
-        elbo = self.elbo_weight(t).float() * (x0 - x0_hat).square().mean(dim=1)
-        msi = (x0_hat @ modal_feat - x0 @ item_emb).square().mean(dim=1)
-        return elbo, msi
-
-    @torch.no_grad()
-    def p_sample(self, denoiser: Denoiser, x0: torch.Tensor, sampling_steps: int, sampling_noise: bool) -> torch.Tensor:
-        """Reverse process from x0 (sampling_steps = 0) or from x_{T'} = q(x0, T'-1), down to step 0."""
-        n = x0.shape[0]
-        x = x0 if sampling_steps == 0 else self.q_sample(x0, torch.full((n,), sampling_steps - 1, device=x0.device))
-        for step in reversed(range(self.steps)):
-            t = torch.full((n,), step, device=x0.device, dtype=torch.long)
-            mean = self.posterior_mean(denoiser(x, t, mess_dropout=False).float(), x, t)
-            if sampling_noise and step > 0:
-                mean = mean + torch.exp(0.5 * self._at(self.posterior_log_variance_clipped, t)) * torch.randn_like(x)
-            x = mean
-        return x
-
-    @torch.no_grad()
-    def p_sample_hidden(self, denoiser: Denoiser, x0: torch.Tensor, sampling_steps: int,
-                        x0_sparse: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`p_sample` without sampling noise, run in the denoiser's first hidden space (same rows).
-
-        Exact when the denoiser does not normalise its input (`norm` false) and no noise is added
-        (`sampling_noise` false): x enters the network only through a = W_x x, and each reverse step
-        x ← c1_t (W_out z_t + b_out) + c2_t x (Eq. 8, z_t the input of the last layer) maps to
-        a ← c1_t (M z_t + W_x b_out) + c2_t a with M = W_x W_out (hidden x hidden). The rows themselves
-        stay x = W_out S + s b_out + g x_start, with S ← c1 z + c2 S, s ← c1 + c2 s, g ← c2 g, so the
-        whole chain costs one I-wide product at the start (a sparse one when `x0_sparse`, the rows as a
-        sparse CSR tensor, is given and sampling starts at x0) and one at the end, instead of two per step.
-        """
-        n = x0.shape[0]
-        x_start = x0 if sampling_steps == 0 else self.q_sample(x0, torch.full((n,), sampling_steps - 1,
-                                                                              device=x0.device))
-        w_in = denoiser.input_weight()
-        last = denoiser.out_layers[-1]
-        if sampling_steps == 0 and x0_sparse is not None:
-            with torch.autocast(x0.device.type, enabled=False):
-                a = torch.sparse.mm(x0_sparse, w_in.T.float())
-        else:
-            a = F.linear(x_start, w_in)
-        m, v = w_in @ last.weight, w_in @ last.bias
-        total = a.new_zeros(n, last.in_features)
-        bias_scale = 0.0
-        start_scale = 1.0
-        for step in reversed(range(self.steps)):
-            t = torch.full((n,), step, device=x0.device, dtype=torch.long)
-            z = denoiser.hidden(a, denoiser.emb_layer(step_embedding(t, denoiser.emb_size)))
-            c1, c2 = self.host_coef1[step], self.host_coef2[step]
-            a = c1 * (F.linear(z, m) + v) + c2 * a
-            total = c1 * z + c2 * total
-            bias_scale, start_scale = c1 + c2 * bias_scale, c2 * start_scale
-        return (F.linear(total, last.weight) + bias_scale * last.bias).float() + start_scale * x_start
-
-
-def hidden_reverse_is_cheaper(n_items: int, hidden: int, steps: int, batch: int) -> bool:
-    """Whether `p_sample_hidden` costs fewer multiply-adds than `p_sample` for a batch of `batch` rows.
-
-    With h = the denoiser's last hidden size (that of W_x and W_out), the direct chain runs the I-wide first and
-    last layers at every step, 2·T·B·I·h; the hidden one forms M = W_x W_out once per batch (h·I·h), runs
-    M z at every step (T·B·h²) and one I-wide product at each end (2·B·I·h, the start counted dense). The
-    rest (the step embedding, the inner layers) is the same on both. The hidden chain pays on wide
-    catalogues (TikTok: I = 6,710 against h = 1,000, a third of the work); on a few hundred items with
-    few steps the direct one is cheaper. Measured on the CPU, the ratio of seconds follows this count
-    (docs/performance.md).
-    """
-    direct = 2 * steps * batch * n_items * hidden
-    in_hidden = hidden * n_items * hidden + steps * batch * hidden * hidden + 2 * batch * n_items * hidden
-    return in_hidden < direct
-
-
-def use_hidden_reverse(mode: str, exact: bool, n_items: int, hidden: int, steps: int, batch: int) -> bool:
-    """--reverse: 'direct' never, 'hidden' always (where exact: `check` refuses it elsewhere), 'auto' where it is
-    exact and cheaper (`hidden_reverse_is_cheaper`). Both paths give the same rows to float rounding."""
-    if mode == "direct" or not exact:
-        return False
-    return mode == "hidden" or hidden_reverse_is_cheaper(n_items, hidden, steps, batch)
+def generator_objective(elbo: torch.Tensor, msi: torch.Tensor, weight: Optional[float]) -> torch.Tensor:
+    """A modality's diffusion loss from the per-row terms: mean ELBO + λ0 · mean MSI (Eq. 24), the ELBO alone where
+    `weight` (`msi_weight`) is None."""
+    if weight is None:
+        return elbo.mean()
+    return elbo.mean() + weight * msi.mean()
 
 
 class DiffusionGenerator(Denoiser, GraphGenerator):
     """DiffMM's graph generator of one modality: the denoiser (Eq. 13) with the Gaussian diffusion every modality
-    shares (Eq. 2-14). Loss: mean ELBO + `msi_weight` · mean MSI (Eq. 24; `msi_weight` None: the ELBO only,
-    --ablation no_msi). Scores: the reverse process from the user's train row (§2.2.3, sampling_steps T' > 0:
-    from x_{T'}), in the denoiser's hidden space where that is exact and cheaper (`use_hidden_reverse`). Its
-    parameters, and so its checkpoint keys, are the denoiser's."""
+    shares (Eq. 2-14). Loss: `generator_objective` (Eq. 24; `msi_weight` None: the ELBO only, --ablation no_msi).
+    Scores: the reverse process from the user's train row (§2.2.3, sampling_steps T' > 0: from x_{T'}), in the
+    denoiser's hidden space where that is exact and cheaper (`use_hidden_reverse`). Its parameters, and so its
+    checkpoint keys, are the denoiser's."""
 
     def __init__(self, n_items: int, dims: Sequence[int], emb_size: int, norm: bool, diffusion: GaussianDiffusion,
                  msi_weight: Optional[float], sampling_steps: int, sampling_noise: bool, hidden_reverse: bool):
@@ -495,19 +291,11 @@ class DiffusionGenerator(Denoiser, GraphGenerator):
     def generator_loss(self, inputs: GeneratorInputs, modality: str, x0: torch.Tensor, rows: torch.Tensor
                        ) -> torch.Tensor:
         elbo, msi = self.diffusion.training_losses(self, x0, inputs.item_emb, inputs.modal_feats[modality])
-        if self.msi_weight is None:
-            return elbo.mean()
-        return elbo.mean() + self.msi_weight * msi.mean()
+        return generator_objective(elbo, msi, self.msi_weight)
 
     def scorer(self, inputs: GeneratorInputs, modality: str) -> Scores:
-        def scores(users: torch.Tensor, host_rows: np.ndarray) -> torch.Tensor:
-            x0 = inputs.user_rows.dense(users)
-            with inputs.autocast():
-                if self.hidden_reverse:
-                    return self.diffusion.p_sample_hidden(self, x0, self.sampling_steps,
-                                                          inputs.user_rows.csr(users, host_rows))
-                return self.diffusion.p_sample(self, x0, self.sampling_steps, self.sampling_noise)
-        return scores
+        return reverse_scorer(self.diffusion, self, inputs.user_rows, self.sampling_steps, self.sampling_noise,
+                              self.hidden_reverse, inputs.autocast)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +326,8 @@ def fused_view_graph(train: sp.csr_matrix, top: np.ndarray, ratio: float, train_
 class DiffMM(RecModel):
     """The recommender, one graph generator per modality (a denoiser, or a VGAE with --ablation no_dm),
     their Adam optimisers, and the epoch of the authors' code. A variant (MDMNS) overrides the hooks
-    (`generator_inputs`, `generator_terms`, `generator_scorer`, `recommender_terms`), not the loops."""
+    (`generator_inputs`, `generator_terms`, `generator_scorer`, `recommender_terms`, `reverse_reads_x_t`), not the
+    loops."""
 
     name = "diffmm"
     paper = "DiffMM: multi-modal diffusion model for recommendation (Jiang et al., ACM MM 2024)"
@@ -589,8 +378,7 @@ class DiffMM(RecModel):
         self.diffusion = GaussianDiffusion(args.noise_scale, args.noise_min, args.noise_max, args.steps, device)
         self.user_rows = DeviceRows(data.train, device)  # every user's train row, gathered per batch on the device
         # the reverse process in the denoiser's hidden space where that is exact and cheaper (p_sample_hidden)
-        self.hidden_reverse = use_hidden_reverse(args.reverse, not args.norm and not args.sampling_noise,
-                                                 data.n_items, args.dims[-1], args.steps, args.batch)
+        self.hidden_reverse = use_hidden_reverse(args, data.n_items, args.batch, self.reverse_reads_x_t(args, data))
         self.generators = nn.ModuleDict({m: self.build_generator() for m in data.modalities}).to(device)
         self.optimizer = torch.optim.Adam(self.recommender.parameters(), lr=args.lr, weight_decay=0)
         self.generator_optimizers = {m: torch.optim.Adam(g.parameters(), lr=args.lr, weight_decay=0)
@@ -608,8 +396,24 @@ class DiffMM(RecModel):
             pos_weight = (data.n_users * data.n_items - data.train.nnz) / max(data.train.nnz, 1)
             return VGAE(data.n_users, args.latdim, args.latdim, args.latdim, pos_weight)
         return DiffusionGenerator(data.n_items, args.dims, args.d_emb_size, args.norm, self.diffusion,
-                                  None if args.ablation == "no_msi" else args.e_loss, args.sampling_steps,
-                                  args.sampling_noise, self.hidden_reverse)
+                                  msi_weight(args), args.sampling_steps, args.sampling_noise, self.hidden_reverse)
+
+    @classmethod
+    def reverse_reads_x_t(cls, args: argparse.Namespace, data: Data) -> bool:
+        """Hook: whether the graph rebuild's reverse steps feed the denoiser x_t itself, which the hidden-space chain
+        needs (`use_hidden_reverse`). DiffMM's do; MDMNS's with --guide_at_sampling feed it guided scores."""
+        return True
+
+    @classmethod
+    def parameter_sizes(cls, args: argparse.Namespace, n_users: int, n_items: int, widths: Dict[str, int]
+                        ) -> Dict[str, int]:
+        """RecModel's tables plus one denoiser per modality, I + emb -> dims -> I (Eq. 13): I x dims[0] twice."""
+        parts = super().parameter_sizes(args, n_users, n_items, widths)
+        if getattr(args, "ablation", "none") != "no_dm":
+            sizes = [n_items + args.d_emb_size, *args.dims[::-1], *args.dims[1:], n_items]
+            parts.update({f"{m} denoiser ({' -> '.join(f'{n:,}' for n in sizes)})": linear_entries(sizes)
+                          for m in widths})
+        return parts
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -636,22 +440,8 @@ class DiffMM(RecModel):
                        help="0 = modality views contrasted pairwise; 1 = main view as anchor")
 
         g = parser.add_argument_group("diffmm: diffusion")
-        g.add_argument("--dims", default="[1000]", type=int_list, help="hidden sizes of the denoiser MLP")
-        g.add_argument("--d_emb_size", default=10, type=int, help="size of the diffusion-step embedding")
-        g.add_argument("--norm", default=False, type=str2bool, help="L2-normalise the denoiser input")
-        g.add_argument("--steps", default=5, type=int, help="T: diffusion steps")
-        g.add_argument("--noise_scale", default=0.1, type=float, help="s: noise scale")
-        g.add_argument("--noise_min", default=0.0001, type=float, help="γmin: lower noise bound")
-        g.add_argument("--noise_max", default=0.02, type=float, help="γmax: upper noise bound")
-        g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in reverse sampling")
-        g.add_argument("--sampling_steps", default=0, type=int, help="T': forward steps before reverse sampling")
+        add_diffusion_args(g)   # --dims, --d_emb_size, --norm, --steps, --noise_*, --sampling_*, --reverse
         g.add_argument("--rebuild_k", default=1, type=int, help="k: items kept per user in a generated graph")
-        g.add_argument("--reverse", default="auto", choices=["auto", "direct", "hidden"],
-                       help="reverse process of the graph rebuild: hidden = in the denoiser's hidden space (exact "
-                            "with --norm false and --sampling_noise false: same rows to float rounding, two "
-                            "items-wide products per batch instead of two per step); direct = step by step on the "
-                            "item rows, as the authors; auto = hidden where it is exact and costs fewer multiply-adds "
-                            "for these shapes (wide catalogues), else direct")
         g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
 
         g = parser.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "
@@ -672,25 +462,20 @@ class DiffMM(RecModel):
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
-        """The first of DiffMM's flags whose value cannot give a meaningful run on any data, as one sentence."""
-        for name in ("steps", "d_emb_size", "latdim", "rebuild_k"):
+        """The first of DiffMM's flags whose value cannot give a meaningful run on any data, as one sentence: the
+        diffusion's (`check_diffusion_flags`), then the recommender's and the graphs'."""
+        problem = check_diffusion_flags(args)
+        if problem:
+            return problem
+        for name in ("latdim", "rebuild_k"):
             if getattr(args, name) < 1:
                 return f"--{name} must be at least 1, got {getattr(args, name)}."
         if args.gnn_layer < 0:
             return f"--gnn_layer must be 0 or more, got {args.gnn_layer}."
-        if not 0 <= args.sampling_steps <= args.steps:
-            return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}."
         if not 0.0 < args.keepRate <= 1.0:
             return f"--keepRate must be in (0, 1] (the share of generated edges kept), got {args.keepRate}."
         if not args.temp > 0.0:
             return f"--temp must be positive (InfoNCE divides by it), got {args.temp}."
-        noise = (args.noise_scale, args.noise_min, args.noise_max)
-        if min(noise) < 0.0 or args.noise_scale * max(args.noise_min, args.noise_max) >= 1.0:
-            return (f"--noise_scale, --noise_min and --noise_max must be non-negative with noise_scale x noise_max "
-                    f"below 1 (it is a variance), got {noise}.")
-        if args.reverse == "hidden" and (args.norm or args.sampling_noise):
-            return ("--reverse hidden is exact only with --norm false and --sampling_noise false; use --reverse auto "
-                    "or direct.")
         return None
 
     @classmethod

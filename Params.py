@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -114,6 +115,10 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
                         "transpose, fused InfoNCE); plain = torch's straightforward autograd, the reference that "
                         "`Experiments.benchmark --compare` measures them against (same math)")
     g.add_argument("--out_dir", default=None, type=str, help=f"run folder (default {run_folder.DEFAULT_OUT_DIR})")
+    g.add_argument("--allow_shared_dir", default=False, type=str2bool, nargs="?", const=True,
+                   help="write (or --resume) a run folder that other users can write too (world-writable, or owned "
+                        "by someone else), which is otherwise refused: they could replace its files, such as the "
+                        "checkpoint a later run loads; only the command line can give it, never a --config file")
     g.add_argument("--quiet", default=False, type=str2bool, nargs="?", const=True, help="no progress bars")
     g.add_argument("--save_model", default=True, type=str2bool, help="save the best model's checkpoint")
     g.add_argument("--keep_last", default=True, type=str2bool,
@@ -152,7 +157,13 @@ def impossible_value(args: argparse.Namespace) -> Optional[str]:
 
 
 # the flags a resumed run takes: how long it goes on and how it runs here, none that changes what it computes
-RESUME_FLAGS = ("--resume", "--epoch", "--threads", "--quiet")
+RESUME_FLAGS = ("--resume", "--epoch", "--threads", "--quiet", "--allow_shared_dir")
+# keys a --config file may hold but not decide: where the run reads its data and writes its folder, and whether a
+# shared folder is allowed, come from the command line of whoever runs it, not from a file someone sent (and a
+# run folder's own config.json holds data_dir); they are ignored, with a warning when the file's value differs
+IGNORED_IN_CONFIG = ("data_dir", "out_dir", "allow_shared_dir")
+# keys that are refused: a configuration cannot name another configuration or a run to continue
+REFUSED_IN_CONFIG = ("config", "resume")
 
 
 def flag_of(argv: Sequence[str], name: str) -> Optional[str]:
@@ -179,6 +190,12 @@ def read_config_file(spec: str) -> Tuple[dict, Path]:
         except ImportError:
             raise UsageError(f"reading {path} needs PyYAML (pip install pyyaml), or write it as JSON.") from None
         try:
+            # anchors and aliases are refused before anything is built: each alias repeats a subtree, so a
+            # 500-byte file of nested aliases expands to gigabytes (a "billion laughs"); a flag file needs none
+            if any(isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None)
+                   for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+                raise UsageError(f"{path} uses YAML anchors or aliases (& or *), which a file of flags does not "
+                                 f"need and which can expand a small file to gigabytes; write each value out.")
             config = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise UsageError(f"{path} is not valid YAML ({str(e).splitlines()[0]}).") from None
@@ -192,16 +209,41 @@ def read_config_file(spec: str) -> Tuple[dict, Path]:
     return config, path
 
 
-def config_argv(config: dict, path: Path, model: str) -> List[str]:
+def ignored_config_warning(name: str, value: object, path: Path, given: Sequence[str]) -> Optional[str]:
+    """The warning for key `name` (of IGNORED_IN_CONFIG) of a --config file, or None when ignoring it changes
+    nothing (no value, or the value the command line `given` also gives)."""
+    if name == "allow_shared_dir":
+        try:
+            asked = value is not None and str2bool(str(value))
+        except argparse.ArgumentTypeError:
+            asked = True  # not a boolean: still ignored, and said so
+        return (f"warning: {path} sets allow_shared_dir, which is ignored: only the command line can allow a run "
+                f"folder that other users can write (--allow_shared_dir)") if asked else None
+    used, default = flag_of(given, f"--{name}"), build_parser().get_default(name)
+    if value is None or str(value) == str(used if used is not None else default):
+        return None
+    uses = f"--{name} {used}" if used is not None else \
+        f"the default, {run_folder.DEFAULT_OUT_DIR if name == 'out_dir' else default}"
+    return (f"warning: {path} sets {name} to {str(value)!r}, which is ignored: the data folder and the run folder come "
+            f"from the command line, not from a configuration file; this run uses {uses}")
+
+
+def config_argv(config: dict, path: Path, model: str, given: Sequence[str] = ()) -> List[str]:
     """The configuration as flags (`--name=value`, parsed by the same types as the command line), checked
-    against model `model`'s flags; a value None keeps the flag's default."""
+    against model `model`'s flags; a value None keeps the flag's default. `given`: the command line beside
+    --config, whose values the warnings about IGNORED_IN_CONFIG keys name."""
     known = {action.dest for action in build_parser(model)._actions if action.option_strings} - {"help"}
     argv = []
     for key, value in config.items():
         name = str(key).lstrip("-")
-        if name not in known or name in ("config", "resume"):
+        if name not in known or name in REFUSED_IN_CONFIG:
             raise UsageError(f"{path} has the key {key!r}, which is not a flag of {model} that a configuration can "
                              f"set; remove it (python Main.py --model {model} --help lists the flags).")
+        if name in IGNORED_IN_CONFIG:
+            ignored = ignored_config_warning(name, value, path, given)
+            if ignored:
+                logging.getLogger("diffmm").warning(ignored)
+            continue
         if value is None:
             continue
         if isinstance(value, bool):
@@ -226,7 +268,7 @@ def with_config(argv: List[str]) -> List[str]:
         else str(config.get("model") or "diffmm")
     if model not in model_names():
         raise UsageError(f"{path} names the unknown model {model!r}; the known models are {', '.join(model_names())}")
-    return config_argv(config, path, model) + argv
+    return config_argv(config, path, model, argv) + argv
 
 
 def refused_with_resume(argv: Sequence[str]) -> Optional[str]:

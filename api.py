@@ -1,7 +1,7 @@
 """A finished run as a Python object: scores, top-K recommendations, vectors and metrics of its best model.
 
     import api
-    run = api.load("runs/tiktok-diffmm-20250101-120000")   # best_model.pt on CUDA when present, else the CPU
+    run = api.load("runs/tiktok-diffmm-20250101-120000-3f9a1c")   # best_model.pt, on CUDA when present
     run.scores([0, 1, 2])                                   # 3 x items tensor (the model's evaluation scores)
     top = run.recommend(["u17", "u42"], k=10)               # raw ids where the dataset has id maps
     top.items, top.scores                                   # 2 x 10 each, best first
@@ -29,6 +29,7 @@ import Main
 from DataHandler import Data, dense_rows
 from Models.base import RecModel
 from Utils import run_folder
+from Utils.formats import read_id_lines
 from Utils.helpers import UsageError
 
 USER_IDS = "user_ids.txt"   # the id maps of a dataset folder (prepare.py raw)
@@ -57,7 +58,7 @@ def read_id_map(path: Path, expected: int) -> Optional[np.ndarray]:
     """The raw ids of an id map (line i = the raw id of index i), None when the file is absent."""
     if not path.is_file():
         return None
-    ids = np.array(path.read_text().splitlines(), dtype=str)
+    ids = np.array(read_id_lines(path), dtype=str)   # split on \n only: an id may hold any other separator
     if len(ids) != expected:
         raise UsageError(f"{path} has {len(ids)} ids but the dataset has {expected}; it belongs to another version "
                          f"of the dataset: write the folder again with prepare.py raw, or remove the map.")
@@ -235,6 +236,9 @@ def load(run_dir: Union[str, Path], device: str = "auto", data_dir: Optional[Uni
 
     `device`: 'auto' (CUDA when present), 'cpu' or 'cuda', chosen once here. `data_dir`: where the dataset's
     folder is now, when it moved since the run (the folder holding `<data>/`).
+    Loading writes nothing: a dataset missing from the data folder (also the generated 'synthetic' one) is one
+    sentence, never generated there, and a best_model.pt that is not one of this package's is one sentence
+    (`run_folder.RunFolderError`), never unpickled as code (weights_only).
     """
     run_dir = Path(run_dir)
     state = run_folder.load_best(run_dir)

@@ -6,7 +6,8 @@ Prints the validation and test metrics of the reloaded model beside those summar
 the same epoch (the validation protocol's). At the run's own cut-offs they are identical: the checkpoint
 holds everything the scores need (for DiffMM, the generated graphs of that epoch as they were used at
 evaluation). `--topks` re-evaluates at other cut-offs; those the run also computed are compared.
-A command line over `api.Run.evaluate` (docs/using-a-run.md).
+A command line over `api.Run.evaluate` (docs/using-a-run.md). It writes nothing: a dataset missing from the data
+folder is one sentence (never generated there), and so is a best_model.pt this package did not write.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("run_dir", type=Path, help="a finished run folder (holds best_model.pt)")
     p.add_argument("--topks", default=None, type=int_list,
                    help="cut-offs to evaluate at, e.g. 10,20,50 (default: the run's own)")
-    p.add_argument("--data_dir", default=None, help="where the dataset folder is now, if it moved since the run")
+    p.add_argument("--data_dir", default=None,
+                   help="the folder holding the run's dataset folder, if it moved since the run (default: the run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     setup_logging()

@@ -21,6 +21,12 @@ validation and test, validation taking half of them rounded down, in a random or
 `--seed`; a user with 2 interactions gives 1 to test, with 1 keeps it in train. `--split temporal`
 keeps the same counts but holds out each user's latest interactions (validation before test).
 
+Raw ids may be any string but an empty one or one holding a line break or NUL (refused, naming the column
+and row); the id maps are UTF-8, one id per line, read back by splitting at "\\n" only, so every other
+character (separators such as "\\r", "\\x1c" or "\\u2028" included) comes back unchanged. Every output folder
+(`raw`, `convert`, `features --missing_features drop`) is written in a hidden folder beside `--out` and renamed
+into place when complete: after a kill there is no `--out`, and the same command runs again.
+
 Feature files: `NAME=FILE.npy:IDS` (rows of FILE.npy, IDS a text file with one raw item id per line
 or a numeric .npy), or `NAME=FILE.csv` (first column the raw item id, then the values; a header row is
 skipped when its values are not numbers). Nothing read is ever executed: .npy files are read without
@@ -39,7 +45,8 @@ import numpy as np
 
 import Utils.openmp  # noqa: F401  (before torch loads: the OpenMP wait policy, for the features encoders)
 from DataHandler import feature_files, load_features
-from Utils.formats import LAYOUTS, DataError, detect_layout, read_splits, splits_from_triples, write_dataset
+from Utils.formats import (ITEM_IDS, LAYOUTS, USER_IDS, DataError, detect_layout, read_id_lines, read_splits,
+                           splits_from_triples, write_dataset, write_id_map)
 from Utils import encoders
 from Utils.helpers import UsageError, parse_threads, setup_logging
 
@@ -66,9 +73,15 @@ def read_interactions(path: Path, user_col: str, item_col: str, time_col: Option
                 raise DataError(f"{path} has no column {column!r} in its header ({', '.join(header) or 'empty'}); "
                                 f"name the columns with --user_col, --item_col and --time_col.")
         cols = [header.index(user_col), header.index(item_col)] + ([header.index(time_col)] if time_col else [])
-        rows = [[row[c] for c in cols] for row in reader if row]
+        try:
+            rows = [[row[c] for c in cols] for row in reader if row]
+        except IndexError:
+            raise DataError(f"{path}: line {reader.line_num} has fewer cells than the header ({len(header)}); give "
+                            f"every row a cell for each column.") from None
     if not rows:
         raise DataError(f"{path} holds no interaction below its header.")
+    for j, column in enumerate((user_col, item_col)):
+        _check_ids([row[j] for row in rows], column, path)
     table = np.array(rows, dtype=str)
     times = None
     if time_col:
@@ -78,6 +91,23 @@ def read_interactions(path: Path, user_col: str, item_col: str, time_col: Option
             raise DataError(f"{path}: the column {time_col!r} holds values that are not numbers (e.g. "
                             f"{table[0, 2]!r}); give timestamps as numbers (seconds).") from None
     return table[:, 0], table[:, 1], times
+
+
+def _check_ids(ids: List[str], column: str, path: Path) -> None:
+    """Refuse the raw ids the id maps could not give back unchanged (one id per line, read by
+    `Utils.formats.read_id_lines`): an empty id, one holding a line break, or one holding a NUL character
+    (numpy's strings drop trailing NULs, so 'a' and 'a\\0' would merge into one user or item)."""
+    joined = "".join(ids)  # found at C speed; the row is looked for only when there is one
+    for problem, found, test in (("is empty", "" in ids, lambda i: i == ""),
+                                 ("contains a line break", "\n" in joined, lambda i: "\n" in i),
+                                 ("contains a NUL character", "\0" in joined, lambda i: "\0" in i)):
+        if found:
+            row = next(k for k, i in enumerate(ids, 1) if test(i))
+            raise DataError(f"{path}: the {column!r} id on data row {row} ({ids[row - 1]!r}) {problem}, which the id "
+                            f"maps (one id per line) cannot hold; fix or remove the rows with such ids.")
+    if all(i.endswith("\r") for i in ids):
+        raise DataError(f"{path}: every {column!r} id ends with a carriage return (e.g. {ids[0]!r} on data row 1), "
+                        f"which would read back as Windows line ends of the id maps; remove the trailing \\r.")
 
 
 def read_feature_spec(spec: str) -> Tuple[str, np.ndarray, np.ndarray]:
@@ -108,8 +138,9 @@ def read_feature_spec(spec: str) -> Tuple[str, np.ndarray, np.ndarray]:
     ids_path = Path(id_file)
     if not ids_path.is_file():
         raise DataError(f"missing item id file {ids_path} (from --features {spec}).")
+    # a text file is read as the id maps are (split at "\n" only), so that the ids of item_ids.txt match exactly
     ids = (np.load(ids_path, allow_pickle=False).astype(str) if ids_path.suffix == ".npy"
-           else np.array(ids_path.read_text().split("\n"), dtype=str))
+           else np.array(read_id_lines(ids_path), dtype=str))
     ids = ids[ids != ""] if ids_path.suffix != ".npy" else ids
     if len(ids) != len(values):
         raise DataError(f"{ids_path} lists {len(ids)} item ids but {array_file} has {len(values)} rows; "
@@ -210,9 +241,12 @@ def prepare_raw(args: argparse.Namespace) -> Dict[str, object]:
         report[f"items without {name} features (zero rows)"] = int((~has).sum())
         modal[name] = matrix
     out = Path(args.out)
-    write_dataset(out, splits, modal, args.layout)
-    (out / "user_ids.txt").write_text("\n".join(raw_user_ids.tolist()) + "\n")
-    (out / "item_ids.txt").write_text("\n".join(raw_item_ids.tolist()) + "\n")
+
+    def id_maps(staging: Path) -> None:
+        write_id_map(staging / USER_IDS, raw_user_ids.tolist())
+        write_id_map(staging / ITEM_IDS, raw_item_ids.tolist())
+
+    write_dataset(out, splits, modal, args.layout, extra=id_maps)  # the folder appears whole, id maps included
     report.update({"users": len(user_ids), "items": len(item_ids), "train": splits[0].nnz, "validation":
                    splits[1].nnz, "test": splits[2].nnz, "layout": args.layout, "folder": str(out)})
     return report
@@ -234,10 +268,13 @@ def convert(args: argparse.Namespace) -> Dict[str, object]:
             log.warning(f"warning: {int((rows == 0).sum())} users have no interaction in any split; MMRec's .inter "
                         f"cannot hold them, so the converted dataset has fewer users when they are the last ids")
     out = Path(args.out)
-    write_dataset(out, splits, features, args.to)
-    for name in ("user_ids.txt", "item_ids.txt"):
-        if (folder / name).is_file():
-            (out / name).write_text((folder / name).read_text())
+    id_maps = {name: (folder / name).read_bytes() for name in (USER_IDS, ITEM_IDS) if (folder / name).is_file()}
+
+    def copy_id_maps(staging: Path) -> None:
+        for name, data in id_maps.items():
+            (staging / name).write_bytes(data)  # byte for byte: the ids may hold any character but "\n"
+
+    write_dataset(out, splits, features, args.to, extra=copy_id_maps)
     return {"from": f"{folder} ({layout})", "to": f"{out} ({args.to})", "users": splits[0].shape[0],
             "items": splits[0].shape[1], "train": splits[0].nnz, "validation": splits[1].nnz, "test": splits[2].nnz,
             "modalities": list(features)}

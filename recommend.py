@@ -7,8 +7,9 @@ has the id maps `prepare.py raw` writes (user_ids.txt, item_ids.txt), else indic
 which). `--exclude train` (default) never recommends an item the user has in train; `all` none of the
 user's known items (train, validation and test); `none` any item. Columns: user, rank (1 = best),
 item, score (indices); and user_raw, item_raw where the id maps exist. A user with fewer than K items
-left gets fewer rows. An existing --out file is refused, never overwritten. A command line over
-`api.Run.recommend` (docs/using-a-run.md).
+left gets fewer rows. An existing --out file is refused, never overwritten; the file is written under a
+temporary name beside it and renamed into place when complete, so a kill leaves no half-written --out and
+the same command runs again. A command line over `api.Run.recommend` (docs/using-a-run.md).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import numpy as np
 
 import api
 from DataHandler import DataError
+from Utils.files import atomic_write
+from Utils.formats import read_id_lines
 from Utils.helpers import ArgumentParser, UsageError, setup_logging
 
 log = logging.getLogger("diffmm")
@@ -32,9 +35,13 @@ log = logging.getLogger("diffmm")
 
 def read_users(path: Path, run: api.Run, ids: str = "auto") -> np.ndarray:
     """The user indices of a file of one user per line: raw ids (`ids` 'raw', or 'auto' where the dataset has
-    id maps) or indices ('index', or 'auto' without maps)."""
+    id maps) or indices ('index', or 'auto' without maps).
+
+    Lines are split at "\\n" only, as the id maps are read, and raw ids are taken exactly as written (spaces and
+    characters such as "\\r" inside an id included); only empty lines are skipped.
+    """
     try:
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in read_id_lines(path) if line]
     except OSError as e:
         raise UsageError(f"cannot read {path} ({e.strerror or e}).") from None
     raw = ids == "raw" or (ids == "auto" and run.user_ids is not None)
@@ -42,6 +49,7 @@ def read_users(path: Path, run: api.Run, ids: str = "auto") -> np.ndarray:
         if run.user_ids is None:
             raise UsageError(f"--ids raw was given but the dataset of this run has no {api.USER_IDS}; give indices.")
         return run.user_index(np.array(lines, dtype=str))
+    lines = [line.strip() for line in lines if line.strip()]
     try:
         users = np.array([int(line) for line in lines], dtype=np.int64)
     except ValueError as e:
@@ -59,18 +67,25 @@ def recommend(run_dir: Path, k: int, out: Path, users_file: Optional[Path] = Non
     users = read_users(users_file, run, ids) if users_file else np.arange(run.n_users)
     raw = run.user_ids is not None and run.item_ids is not None
     batch = run.args.tstBat
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["user", "rank", "item", "score"] + (["user_raw", "item_raw"] if raw else []))
-        for start in range(0, len(users), batch):  # batches of users: the CSV grows without holding every row
-            top = run.recommend(users[start:start + batch], k, exclude, batch)
-            n, width = top.item_index.shape
-            keep = np.isfinite(top.scores.ravel())   # -inf: no item left for that rank
-            columns = [np.repeat(top.user_index, width), np.tile(np.arange(1, width + 1), n), top.item_index.ravel(),
-                       np.char.mod("%.6g", top.scores.ravel())]
-            if raw:
-                columns += [np.repeat(top.users, width), top.items.ravel()]
-            writer.writerows(zip(*(c[keep] for c in columns)))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["user", "rank", "item", "score"] + (["user_raw", "item_raw"] if raw else []))
+            for start in range(0, len(users), batch):  # batches of users: the CSV grows without holding every row
+                top = run.recommend(users[start:start + batch], k, exclude, batch)
+                n, width = top.item_index.shape
+                keep = np.isfinite(top.scores.ravel())   # -inf: no item left for that rank
+                columns = [np.repeat(top.user_index, width), np.tile(np.arange(1, width + 1), n),
+                           top.item_index.ravel(), np.char.mod("%.6g", top.scores.ravel())]
+                if raw:
+                    columns += [np.repeat(top.users, width), top.items.ravel()]
+                writer.writerows(zip(*(c[keep] for c in columns)))
+        if out.exists():  # made by someone else while this ran: refused, as at the start, rather than replaced
+            raise UsageError(f"{out} appeared while the recommendations were written; choose another --out "
+                             f"(nothing is overwritten).")
+
+    atomic_write(out, write, then="run the same command again")
     return len(users)
 
 

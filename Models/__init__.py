@@ -8,16 +8,22 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Type
 
+# The order is DiffMM's Table 2 column order (the models the paper lacks after its columns): the table and every
+# listing of models follow it, so a new model is placed by where its line goes, nowhere else.
 REGISTRY: Dict[str, str] = {
     "diffmm": "Model:DiffMM",
     "mf": "Models.mf:MF",
+    "ngcf": "Models.ngcf:NGCF",
     "lightgcn": "Models.lightgcn:LightGCN",
+    "diffrec": "Models.diffrec:DiffRec",
+    "sgl": "Models.sgl:SGL",
+    "ncl": "Models.ncl:NCL",
+    "hccf": "Models.hccf:HCCF",
     "vbpr": "Models.vbpr:VBPR",
     "lattice": "Models.lattice:LATTICE",
-    "freedom": "Models.freedom:FREEDOM",
     "bm3": "Models.bm3:BM3",
+    "freedom": "Models.freedom:FREEDOM",
     "lgmrec": "Models.lgmrec:LGMRec",
-    "diffrec": "Models.diffrec:DiffRec",
     "mmssl": "Models.mmssl:MMSSL",
     "mdmns": "Models.mdmns:MDMNS",
     "pop": "Models.pop:Popularity",

@@ -74,6 +74,20 @@ class RecModel(nn.Module):
         """One sentence when this configuration cannot run on this data, else None (checked before training)."""
         return None
 
+    @classmethod
+    def parameter_sizes(cls, args: argparse.Namespace, n_users: int, n_items: int, widths: Dict[str, int]
+                        ) -> Dict[str, int]:
+        """The model's largest parameter tables, name -> entries, from the data's shapes alone (`widths`: modality
+        -> feature width), summed by `Utils.memory.check_fits` before the feature arrays are read. The default:
+        user and item embeddings of width d and, for a model of item features, a d_m x d projection per modality
+        (every model here has those); a model with a larger part (a denoiser over all items) adds it. A name that
+        starts with a modality lets the refusal name its feature file."""
+        d = next((getattr(args, f) for f in ("latdim", "embedding_size", "embed_size") if hasattr(args, f)), 64)
+        parts = {f"user and item embeddings ({n_users:,} + {n_items:,} x {d})": (n_users + n_items) * d}
+        if cls.needs_features:
+            parts.update({f"{m} features' projection ({w:,} x {d})": w * d for m, w in widths.items()})
+        return parts
+
     def pre_epoch(self, epoch: int, timer: PhaseTimer) -> None:
         """Called before each epoch's training (LATTICE's graph rebuild, FREEDOM's edge pruning); time it
         inside `timer.phase(name)` like the training phases."""

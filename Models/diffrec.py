@@ -3,10 +3,10 @@ code computes it (YiyanXu/DiffRec@d35a6c6, DiffRec/).
 
 Training, one batch of user rows x0 (the dense 0/1 train rows, batch 400):
     t ~ importance sampling (below);  x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε            (paper Eq. 3)
-    x̂0 = f(x_t, t), the MLP denoiser of DiffMM (`Model.Denoiser`: dims [1000], emb 10, input dropout 0.5)
+    x̂0 = f(x_t, t), DiffMM's MLP denoiser (`Models.diffusion.Denoiser`: dims [1000], emb 10, input dropout 0.5)
     loss_row = w_t · mean_i (x0 - x̂0)² / (p_t · T),   loss = mean over the batch           (Eq. 11-13)
 with w_t = SNR(t-1) - SNR(t), w_0 = 1 (`gaussian_diffusion.py:140-174`). The noise schedule is DiffMM's
-(`Model.noise_schedule`, DiffRec's "linear-var") with β_0 = 1e-5 instead of DiffMM's 1e-4 (`:31`).
+(`Models.diffusion.noise_schedule`, DiffRec's "linear-var") with β_0 = 1e-5 instead of DiffMM's 1e-4 (`:31`).
 Importance sampling of t (`:124,176-197`): every t keeps its last 10 values of w_t·mse_row; while some t has
 fewer than 10, t is uniform (p_t·T = 1); then p_t ∝ sqrt(mean of those 10 squared values), p ← 0.999 p +
 0.001/T. AdamW (lr 1e-4, weight decay 0), at most 1000 epochs, evaluation every 5 epochs, early stop as
@@ -27,31 +27,28 @@ Defects of the authors' code not carried over: `type=bool` flags (`--norm False`
 parsed as booleans here); `--reweight False` crashed on an unbound `loss` (here: weight 1, the plain MSE);
 `eval` of `--dims`; a Python loop per row to update the importance history (a tensor scatter here); the dense
 U x I copy of the train matrix; DiffRec's all-user metric average. `--reverse auto` runs the scoring chain in
-the denoiser's hidden space where that is exact and cheaper for the shapes (`Model.use_hidden_reverse`).
+the denoiser's hidden space where that is exact and cheaper for the shapes (`Models.diffusion.use_hidden_reverse`).
 """
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from DataHandler import Data, DeviceRows, device_batches, user_batches
-from Model import Denoiser, GaussianDiffusion, use_hidden_reverse
 from Models.base import Losses, RecModel
-from Utils.flags import int_list, str2bool
+from Models.diffusion import (Denoiser, GaussianDiffusion, add_diffusion_args, check_diffusion_flags, reverse_scorer,
+                              use_hidden_reverse)
+from Utils.flags import str2bool
 from Utils.helpers import PhaseTimer
+from Utils.memory import linear_entries
 from Utils.metrics import Scorer
 
 BETA_FIXED = 1e-5   # DiffRec's β_0 (gaussian_diffusion.py:31); DiffMM's is 1e-4
 HISTORY = 10        # values kept per step (history_num_per_term)
 UNIFORM_PROB = 0.001
-
-
-def hidden_reverse_exact(args: argparse.Namespace) -> bool:
-    """The scoring chain runs in the denoiser's hidden space exactly when the denoiser predicts x0 from its raw
-    input and no noise is drawn (`Model.GaussianDiffusion.p_sample_hidden`)."""
-    return args.mean_type == "x0" and not args.norm and not args.sampling_noise
+EMB_FLAG = "emb_size"  # DiffRec's name of the step embedding's size (DiffMM's --d_emb_size)
 
 
 class StepHistory:
@@ -134,6 +131,13 @@ class DiffRec(RecModel):
                  "sports": (0.0823, 0.0407, 0.0044)}
     published_in = "DiffMM Table 2"
 
+    @classmethod
+    def parameter_sizes(cls, args: argparse.Namespace, n_users: int, n_items: int, widths: Dict[str, int]
+                        ) -> Dict[str, int]:
+        """No embeddings: one denoiser I + emb -> dims -> I over the user rows."""
+        sizes = [n_items + args.emb_size, *args.dims[::-1], *args.dims[1:], n_items]
+        return {f"denoiser ({' -> '.join(f'{n:,}' for n in sizes)})": linear_entries(sizes)}
+
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)
         self.denoiser = Denoiser(data.n_items, args.dims, args.emb_size, args.norm).to(device)
@@ -142,55 +146,38 @@ class DiffRec(RecModel):
         self.history = StepHistory(args.steps, device)
         self.user_rows = DeviceRows(data.train, device)  # every user's train row, gathered per batch on the device
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        # the scoring chain in the denoiser's hidden space where that is exact and cheaper (Model.use_hidden_reverse)
-        self.hidden_reverse = use_hidden_reverse(args.reverse, hidden_reverse_exact(args), data.n_items,
-                                                 args.dims[-1], args.steps, args.tstBat)
+        # the scoring chain in the denoiser's hidden space where that is exact and cheaper for the evaluation's
+        # batches of users
+        self.hidden_reverse = use_hidden_reverse(args, data.n_items, args.tstBat)
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("diffrec (DiffRec main.py: the authors' names and defaults)")
-        g.add_argument("--dims", default="[1000]", type=int_list, help="hidden sizes of the denoiser MLP")
-        g.add_argument("--emb_size", default=10, type=int, help="size of the diffusion-step embedding")
-        g.add_argument("--norm", default=False, type=str2bool, help="L2-normalise the denoiser input")
+        add_diffusion_args(g, emb_flag=EMB_FLAG, steps=100, helps={
+            "sampling_steps": "T': scoring starts from x_{T'} = q(x0, T'-1); 0 = from the train row itself",
+            "sampling_noise": "add noise in the reverse steps",
+            "reverse": "scoring chain: hidden = in the denoiser's hidden space (exact with mean_type x0, --norm "
+                       "false, --sampling_noise false; same scores to float rounding); direct = step by step on "
+                       "the item rows, as the authors; auto = hidden where it is exact and cheaper for these "
+                       "shapes, else direct"})
         g.add_argument("--mean_type", default="x0", choices=["x0", "eps"],
                        help="what the denoiser predicts: x0 = the clean row (the paper), eps = the noise")
-        g.add_argument("--steps", default=100, type=int, help="T: diffusion steps")
-        g.add_argument("--noise_scale", default=0.1, type=float, help="s: noise scale")
-        g.add_argument("--noise_min", default=0.0001, type=float, help="γmin: lower noise bound")
-        g.add_argument("--noise_max", default=0.02, type=float, help="γmax: upper noise bound")
         g.add_argument("--reweight", default=True, type=str2bool,
                        help="weight step t's loss by w_t (x0: SNR(t-1) - SNR(t), w_0 = 1); false = weight 1 (the "
                             "authors' code crashes there)")
-        g.add_argument("--sampling_steps", default=0, type=int,
-                       help="T': scoring starts from x_{T'} = q(x0, T'-1); 0 = from the train row itself")
-        g.add_argument("--sampling_noise", default=False, type=str2bool, help="add noise in the reverse steps")
         g.add_argument("--weight_decay", default=0.0, type=float, help="AdamW weight decay")
-        g.add_argument("--reverse", default="auto", choices=["auto", "direct", "hidden"],
-                       help="scoring chain: hidden = in the denoiser's hidden space (exact with mean_type x0, --norm "
-                            "false, --sampling_noise false; same scores to float rounding); direct = step by step on "
-                            "the item rows, as the authors; auto = hidden where it is exact and cheaper for these "
-                            "shapes, else direct")
 
     @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
-        if args.steps < 1:
-            return f"--steps must be at least 1, got {args.steps}."
-        if args.reverse == "hidden" and not hidden_reverse_exact(args):
-            return ("--reverse hidden is exact only with --mean_type x0, --norm false and --sampling_noise false; use "
-                    "--reverse auto or direct.")
-        if not 0 <= args.sampling_steps <= args.steps:
-            return f"--sampling_steps must be between 0 and --steps ({args.steps}), got {args.sampling_steps}."
-        if args.noise_scale <= 0.0 or args.noise_min < 0.0:
-            return (f"--noise_scale must be positive and --noise_min non-negative (DiffRec cannot train without "
-                    f"noise), got {args.noise_scale} and {args.noise_min}.")
+        """The diffusion's checks (`check_diffusion_flags`), then DiffRec's own, as one sentence."""
+        problem = check_diffusion_flags(args, emb_flag=EMB_FLAG)
+        if problem:
+            return problem
+        if args.noise_scale <= 0.0:
+            return f"--noise_scale must be positive (DiffRec cannot train without noise), got {args.noise_scale}."
         if args.steps > 1 and args.noise_min >= args.noise_max:
             return (f"--noise_min ({args.noise_min}) must be below --noise_max ({args.noise_max}): the noise "
                     f"variance must grow with t.")
-        if args.noise_scale * args.noise_max >= 1.0:
-            product = args.noise_scale * args.noise_max
-            return f"--noise_scale x --noise_max must be below 1 (it is a variance), got {product}."
-        if args.emb_size < 1:
-            return f"--emb_size must be at least 1, got {args.emb_size}."
         if args.weight_decay < 0.0:
             return f"--weight_decay must not be negative, got {args.weight_decay}."
         return None
@@ -258,17 +245,11 @@ class DiffRec(RecModel):
         def predict_start(x: torch.Tensor, t: torch.Tensor, mess_dropout: bool = True) -> torch.Tensor:
             return self.start_from_eps(x, t, self.denoiser(x, t, mess_dropout).float())
 
+        # --mean_type eps: the reverse steps need x̂0, turned from the predicted noise (the hidden chain is then off)
         denoiser = self.denoiser if args.mean_type == "x0" else predict_start
-
-        def score(users: torch.Tensor) -> torch.Tensor:
-            x0 = self.user_rows.dense(users)  # built on the device: the users never travel to the host
-            with self.autocast():
-                if self.hidden_reverse:  # the rows as CSR: their number of entries is read back (one scalar)
-                    sparse = self.user_rows.csr(users) if args.sampling_steps == 0 else None
-                    return self.diffusion.p_sample_hidden(self.denoiser, x0, args.sampling_steps, sparse)
-                return self.diffusion.p_sample(denoiser, x0, args.sampling_steps, args.sampling_noise)
-
-        return score
+        # called with the users only: the hidden chain reads their number of entries back (one scalar)
+        return reverse_scorer(self.diffusion, denoiser, self.user_rows, args.sampling_steps, args.sampling_noise,
+                              self.hidden_reverse, self.autocast)
 
     # --- state ----------------------------------------------------------------------------------
     def training_state(self) -> dict:

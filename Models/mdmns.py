@@ -13,7 +13,8 @@ changes is in DiffMM's hooks (`generator_inputs`, `generator_terms`, `generator_
   the forward_cl_MM views; `--cl_method 1` anchors every s_m to svt and contrasts every item table with noisy
   detached copies of itself at the levels int(frac·steps), with NCEs over ALL rows (`full_nce`).
 - §3 diffusion: the denoiser is trained on S = guidance GCN scores of x_t, guided by the mean of the other
-  modalities' features (`GuidanceGCN`, `guided_losses`); sampling still feeds x_t itself.
+  modalities' features (`GuidanceGCN`, `guided_losses`: the shared `Models.diffusion` loss with S as the denoiser's
+  input); sampling still feeds x_t itself.
 - §4 evaluation: the sum of the dot products of every view (`embeddings` concatenates the views).
 
 Defects of the authors' code kept by default because they shaped the published numbers, each with a fix flag:
@@ -33,15 +34,16 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from dataclasses import dataclass, fields
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from DataHandler import Data
-from Model import DiffMM, GaussianDiffusion, GeneratorInputs, Recommender, Scores, Views, contrastive_loss
+from Model import (DiffMM, GeneratorInputs, Recommender, Scores, Views, contrastive_loss, generator_objective,
+                   msi_weight)
+from Models.diffusion import DenoiserFn, GaussianDiffusion, InputFn, reverse_scorer
 from Utils.flags import float_list, str2bool
 from Utils.layers import Graph, bpr_loss, propagate
 
@@ -70,17 +72,14 @@ class MDMNSRecommender(Recommender):
                 view_graphs: Optional[Dict[str, Graph]] = None) -> Tuple[Views, Views]:
         """[(U, I) of svt, then of s_m for every modality], and DiffMM's contrastive views when `with_views` (§1).
 
-        With z_m of DiffMM (`modal_embeddings`) and H0 = Σ_m softmax(κ)_m z_m:
+        With z_m of DiffMM (`modal_embeddings`) and H0 = Σ_m softmax(κ)_m z_m (DiffMM's `fuse`):
             G  = adj [Eu; rownorm(H0[U:])];  G += adj [G[:U]; Ei];  G += ris_adj_lambda · adj [Eu; Ei]
             svt = P(G), s_m = P(z_m), P(X) = Σ_{l<=L} adj^l X + ris_lambda · rownorm(X)
         All views and the contrastive views share one propagation (stacked columns).
         """
         d, n_users = self.user_emb.shape[1], self.n_users
         modal, view_inputs = self.modal_embeddings(adj, modal_graphs, with_views, view_graphs)
-        weights = torch.softmax(self.modal_weight, dim=0)
-        fused = 0.0
-        for k, z in enumerate(modal):
-            fused = fused + weights[k] * z
+        fused = self.fuse(modal)
         # the fused item rows replace the modality features of DiffMM's two-hop propagation
         g = adj @ torch.cat([self.user_emb, F.normalize(fused[n_users:])])
         g = g + adj @ torch.cat([g[:n_users], self.item_emb])
@@ -189,6 +188,12 @@ def anchored_contrast(views: Views, levels: Sequence[int], temp: float) -> torch
 # Guided diffusion training (§3)
 # ---------------------------------------------------------------------------------------------
 
+def is_guided(args: argparse.Namespace, data: Data) -> bool:
+    """Whether the denoisers are guided (§3): guidance needs another modality, and a diffusion model (not the VGAE
+    of --ablation no_dm)."""
+    return len(data.modalities) > 1 and args.ablation != "no_dm"
+
+
 def guide_features(modal_feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """g_m = the unweighted mean of the OTHER modalities' transformed features (§3, §7); none with one modality."""
     if len(modal_feats) < 2:
@@ -236,24 +241,19 @@ class GuidanceGCN(nn.Module):
         return y[: len(x_t)] @ y[len(x_t):].T
 
 
-def guided_losses(diffusion: GaussianDiffusion, denoiser: nn.Module, x0: torch.Tensor, item_emb: torch.Tensor,
-                  modal_feat: torch.Tensor, guidance: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                  t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def guided_losses(diffusion: GaussianDiffusion, denoiser: DenoiserFn, x0: torch.Tensor, item_emb: torch.Tensor,
+                  modal_feat: torch.Tensor, guidance: Optional[InputFn] = None, t: Optional[torch.Tensor] = None,
+                  noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: the ELBO term w_t · mean_i (x0 − x̂0)², the MSI term and w_t, with x̂0 = denoiser(S, t) (§3).
 
     DiffMM's `GaussianDiffusion.training_losses` with the denoiser fed S = guidance(x_t) instead of x_t (steps 1-4
-    and 6; step 4's `mse`, missing at the authors' HEAD, restored). `item_emb`, `modal_feat` must be detached.
-    The steps `t` and the noise are drawn here unless given (tests feed the same draws to two devices).
+    and 6; step 4's `mse`, missing at the authors' HEAD, restored); w_t as well, for the logged `extra` term. The
+    steps are drawn here (as that loss would draw them) so that w_t is known; `t` and the noise as given there.
     """
     if t is None:
-        t = torch.randint(0, diffusion.steps, (x0.shape[0],), device=x0.device)
-    x_t = diffusion.q_sample(x0, t, noise) if diffusion.noise_scale != 0 else x0
-    x0_hat = denoiser(x_t if guidance is None else guidance(x_t), t).float()
-    weight = diffusion.elbo_weight(t).float()
-    elbo = weight * (x0 - x0_hat).square().mean(dim=1)
-    msi = (x0_hat @ modal_feat - x0 @ item_emb).square().mean(dim=1)
-    return elbo, msi, weight
+        t = diffusion.sample_steps(x0)
+    elbo, msi = diffusion.training_losses(denoiser, x0, item_emb, modal_feat, t, noise, denoiser_input=guidance)
+    return elbo, msi, diffusion.elbo_weight(t).float()
 
 
 @torch.no_grad()
@@ -269,16 +269,6 @@ class GuidedInputs(GeneratorInputs):
     """DiffMM's generator inputs plus g_m, the guide of every modality (`guide_features`; empty when unguided)."""
 
     guides: Dict[str, torch.Tensor]
-
-
-class GuidedDenoiser:
-    """A denoiser fed S = guidance(x) instead of x: what `--guide_at_sampling true` hands to the reverse steps."""
-
-    def __init__(self, denoiser: nn.Module, guidance: Callable[[torch.Tensor], torch.Tensor]):
-        self.denoiser, self.guidance = denoiser, guidance
-
-    def __call__(self, x: torch.Tensor, steps: torch.Tensor, mess_dropout: bool = True) -> torch.Tensor:
-        return self.denoiser(self.guidance(x), steps, mess_dropout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +300,7 @@ class MDMNS(DiffMM):
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)
         self.levels = noise_levels(args.steps, args.nce_noise_fracs)
-        # guidance needs another modality, and a diffusion model (not the VGAE of --ablation no_dm)
-        self.guided = len(data.modalities) > 1 and args.ablation != "no_dm"
+        self.guided = is_guided(args, data)
         self.guides = nn.ModuleDict()
         if self.guided and not args.guide_fresh_per_call:  # a fix: persistent modules trained with the denoisers
             self.guides = nn.ModuleDict({
@@ -345,6 +334,12 @@ class MDMNS(DiffMM):
         g.add_argument("--nce_noise_fracs", default=[0.1, 0.125, 0.25, 0.5], type=noise_fracs,
                        help="cl_method 1: noise levels c = int(frac x steps) of the noisy item copies (N(0,1) noise "
                             "times c); '' = no noisy terms")
+
+    @classmethod
+    def reverse_reads_x_t(cls, args: argparse.Namespace, data: Data) -> bool:
+        """--guide_at_sampling true feeds the reverse steps the guided scores S, so the graph rebuild runs step by step
+        on the item rows (the hidden-space chain needs x_t itself as the denoiser's input)."""
+        return not (args.guide_at_sampling and is_guided(args, data))
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
@@ -384,22 +379,18 @@ class MDMNS(DiffMM):
         elbo, msi, weight = guided_losses(self.diffusion, self.generators[modality], x0, inputs.item_emb,
                                           inputs.modal_feats[modality],
                                           lambda x_t: self.guided_input(modality, x_t, guide, users))
-        loss = elbo.mean() + (0.0 if self.args.ablation == "no_msi" else self.args.e_loss * msi.mean())
+        loss = generator_objective(elbo, msi, msi_weight(self.args))
         return {modality: loss, f"{modality}_extra": (weight * guide_extra(x0, guide).float()).mean()}
 
     def generator_scorer(self, modality: str, inputs: GeneratorInputs) -> Scores:
         """DiffMM's; with --guide_at_sampling true the reverse steps feed S = guidance(x_t) to the denoiser (step by
-        step on the item rows: the hidden-space shortcut needs x_t itself as the input)."""
+        step on the item rows: `reverse_reads_x_t` turned the hidden-space chain off)."""
         if not (self.args.guide_at_sampling and self.guided):
             return super().generator_scorer(modality, inputs)
-        generator, guide, args = self.generators[modality], inputs.guides[modality], self.args
-
-        def scores(users: torch.Tensor, host_rows: np.ndarray) -> torch.Tensor:
-            guided = GuidedDenoiser(generator, lambda x_t: self.guided_input(modality, x_t, guide, users))
-            with self.autocast():
-                return self.diffusion.p_sample(guided, inputs.user_rows.dense(users), args.sampling_steps,
-                                               args.sampling_noise)
-        return scores
+        guide, args = inputs.guides[modality], self.args
+        return reverse_scorer(self.diffusion, self.generators[modality], inputs.user_rows, args.sampling_steps,
+                              args.sampling_noise, self.hidden_reverse, inputs.autocast,
+                              lambda x_t, users: self.guided_input(modality, x_t, guide, users))
 
     # --- recommender (§2) -------------------------------------------------------------------------
     def recommender_terms(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,

@@ -35,8 +35,10 @@ import torch
 from tqdm import tqdm
 
 from DataHandler import feature_files, load_features
-from Utils.formats import DataError, check_disjoint, detect_layout, read_splits, write_dataset
-from Utils.helpers import atomic_write, resolve_device, resolve_threads
+from Utils.files import atomic_write, atomic_write_text
+from Utils.formats import (ITEM_IDS, USER_IDS, DataError, check_disjoint, detect_layout, read_id_lines, read_splits,
+                           write_dataset, write_id_map)
+from Utils.helpers import resolve_device, resolve_threads
 
 log = logging.getLogger("diffmm")
 
@@ -48,6 +50,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WORK_FORMAT = 1  # bump when what a chunk holds changes: older work folders are then started over
 EXAMPLES = 3  # ids or files quoted in a report line
+# in the dataset folder while the feature files of one run are renamed into place: the modalities being written,
+# so that a rerun after a kill between two renames takes the first file as its own rather than refusing it
+PENDING = ".features.pending.json"
 
 
 @dataclass
@@ -74,10 +79,7 @@ def read_item_ids(folder: Path) -> np.ndarray:
         raise DataError(f"{folder} has no item_ids.txt, which maps the dataset's items to your raw item ids; make the "
                         f"folder with `python prepare.py raw` (it writes the file) or write it yourself (line i = the "
                         f"raw id of item i).")
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines = lines[:-1]
-    ids = np.array([line.rstrip("\r") for line in lines], dtype=str)
+    ids = np.array(read_id_lines(path), dtype=str)  # exactly as `prepare.py raw` wrote them
     if len(ids) == 0:
         raise DataError(f"{path} lists no item id; line i must be the raw id of item i.")
     unique, counts = np.unique(ids, return_counts=True)
@@ -138,11 +140,16 @@ def read_item_texts(path: Path, id_col: str, text_cols: Optional[Sequence[str]],
             if not row:
                 continue
             row = row + [""] * (width - len(row))  # a short row: the cells it lacks are empty
-            raw_ids.append(row[id_at].strip())
+            raw_ids.append(row[id_at])
             texts.append(" ".join(" ".join(row[k] for k in text_at).split()))
             lines.append(reader.line_num)
     raw = np.array(raw_ids, dtype=str)
     rows = _lookup(item_ids, raw)
+    # ids match exactly (a raw id may begin or end with spaces or separators); only an id matching no item is
+    # tried again without surrounding white space, as a table written with ", " between its cells has it
+    retry = np.flatnonzero(rows < 0)
+    if len(retry):
+        rows[retry] = _lookup(item_ids, np.array([raw_ids[k].strip() for k in retry], dtype=str))
     known = rows >= 0
     if (~known).any():
         unknown_rows = [f"{raw_ids[k]!r} (line {lines[k]})" for k in np.flatnonzero(~known)[:EXAMPLES + 1]]
@@ -588,9 +595,11 @@ def build_features(request: FeatureRequest) -> Dict[str, object]:
         raise DataError("--out is for --missing_features drop (a new dataset folder); with zero or mean the feature "
                         "files are written into the dataset folder.")
     if not drop:
+        pending = _pending(folder)
         for modality in modalities:
             existing = [p for p in (folder / f"{modality}_feat.npy", folder / f"{modality}_feat.npy.zip") if p.exists()]
-            if existing and not request.overwrite:
+            ours = [p for p in existing if p.name == f"{modality}_feat.npy" and modality in pending]
+            if existing != ours and not request.overwrite:
                 raise DataError(f"{existing[0]} exists already; pass --overwrite to replace it (nothing was written).")
     check_dependencies("text" in modalities, request.image_model if "image" in modalities else None)
 
@@ -649,12 +658,19 @@ def build_features(request: FeatureRequest) -> Dict[str, object]:
             report[f"items without {one.modality} ({handling})"] = line
             missing_any |= missing
             matrices[one.modality] = _cast(matrix, request.dtype, one.modality)
-            if not drop:  # each modality is complete on its own: write it now
-                path = folder / f"{one.modality}_feat.npy"
-                _write_into(work, path, matrices[one.modality])
+        if not drop:
+            # every modality is encoded (its chunks kept): now the files, each renamed into place, with the list
+            # of them beside while that happens, and the chunks only once every file is there
+            atomic_write_text(folder / PENDING, json.dumps({"modalities": list(matrices)}),
+                              then="run the same command again (finished chunks are kept)")
+            for modality, values in matrices.items():
+                path = folder / f"{modality}_feat.npy"
+                _write_into(works[modality], path, values)
+                report[f"{modality} features"] = f"{path} ({n_items} x {values.shape[1]}, {request.dtype})"
+            (folder / PENDING).unlink(missing_ok=True)
+            for work in works.values():
                 _clean_work(work)
-                report[f"{one.modality} features"] = f"{path} ({n_items} x {matrix.shape[1]}, {request.dtype})"
-        if drop:
+        else:
             report.update(_write_dropped(folder, request.out, layout, splits, item_ids, ~missing_any, matrices,
                                          request.dtype))
             for work in works.values():
@@ -662,6 +678,14 @@ def build_features(request: FeatureRequest) -> Dict[str, object]:
     finally:
         torch.set_num_threads(threads_before)
     return report
+
+
+def _pending(folder: Path) -> List[str]:
+    """The modalities whose feature files an interrupted run of `features` was renaming into `folder`."""
+    try:
+        return [str(m) for m in json.loads((folder / PENDING).read_text(encoding="utf-8"))["modalities"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _cast(matrix: np.ndarray, dtype: str, modality: str) -> np.ndarray:
@@ -693,12 +717,17 @@ def _write_dropped(folder: Path, out: Path, layout: str, splits, item_ids: np.nd
     kept = tuple(s.tocsc()[:, np.flatnonzero(keep)].tocsr() for s in splits)
     check_disjoint(kept, [f"{out} (train)", f"{out} (validation)", f"{out} (test)"])
     others = {m: load_features(p, len(item_ids))[keep] for m, p in feature_files(folder).items() if m not in new}
-    write_dataset(out, kept, others, layout)
-    for modality, matrix in new.items():
-        _write_atomic(out / f"{modality}_feat.npy", lambda f, m=matrix: np.save(f, m[keep], allow_pickle=False))
-    if (folder / "user_ids.txt").is_file():
-        (out / "user_ids.txt").write_text((folder / "user_ids.txt").read_text())
-    (out / "item_ids.txt").write_text("\n".join(item_ids[keep].tolist()) + "\n")
+    user_ids = (folder / USER_IDS).read_bytes() if (folder / USER_IDS).is_file() else None
+
+    def the_rest(staging: Path) -> None:  # into the staged folder, so that `out` appears with every file at once
+        for modality, matrix in new.items():
+            np.save(staging / f"{modality}_feat.npy", matrix[keep], allow_pickle=False)  # in --dtype
+        if user_ids is not None:
+            (staging / USER_IDS).write_bytes(user_ids)
+        write_id_map(staging / ITEM_IDS, item_ids[keep].tolist())
+
+    write_dataset(out, kept, others, layout, extra=the_rest,
+                  then="run the same command again (finished chunks are kept)")
     return {"items dropped": int((~keep).sum()), "items": int(keep.sum()),
             "interactions dropped": int(sum(s.nnz for s in splits) - sum(s.nnz for s in kept)),
             "folder": f"{out} ({layout}; {', '.join(f'{m}_feat.npy' for m in new)} in {dtype})"}

@@ -18,12 +18,17 @@ import csv
 import json
 import logging
 import pickle
-import warnings
+import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
+
+from Utils.errors import DataError  # noqa: F401  (re-exported: the readers' refusal)
+from Utils.files import staged_folder
+from Utils.npy_files import BadArray, member_header, read_member
+from Utils.safe_pickle import UnsafeMatrix, build_sparse, check_shape, loads_matrix
 
 log = logging.getLogger("diffmm")
 
@@ -36,59 +41,28 @@ MMSSL_FILES = ("train.json", "val.json", "test.json")
 Splits = Tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]
 
 
-class DataError(Exception):
-    """Bad input data: the message is one sentence saying what is wrong, where, and what to do."""
-
-
-# What a pickled users x items matrix may name: scipy.sparse matrix classes and what numpy needs to
-# rebuild their arrays. Anything else (a function that runs a command, say) is refused, unexecuted.
-_SAFE_SPARSE = {"coo_matrix", "csr_matrix", "csc_matrix", "lil_matrix", "dok_matrix", "dia_matrix", "bsr_matrix",
-                "coo_array", "csr_array", "csc_array", "lil_array", "dok_array", "dia_array", "bsr_array"}
-_SAFE_NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("numpy", "float32"), ("numpy", "float64"), ("numpy", "int32"),
-               ("numpy", "int64")}
-
-
-class UnsafePickle(Exception):
-    """A pickle names a class outside the matrix whitelist."""
-
-
-class _MatrixUnpickler(pickle.Unpickler):
-    """Unpickle a scipy.sparse matrix only: every class a pickle names must be on the whitelist above.
-
-    The released matrices name module paths that newer scipy/numpy moved (scipy.sparse.coo,
-    numpy.core): they are mapped to the current ones.
-    """
-
-    def find_class(self, module: str, name: str):
-        if module.startswith("scipy.sparse") and name in _SAFE_SPARSE:
-            return getattr(sp, name)
-        if (module, name) in _SAFE_NUMPY:
-            if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
-                module = module.replace("numpy.core", "numpy._core", 1)
-            return super().find_class(module, name)
-        raise UnsafePickle(f"{module}.{name}")
 
 
 def load_matrix(path: Path) -> sp.csr_matrix:
-    """Load one pickled split as a binary float32 CSR matrix (any stored non-zero = interacted)."""
+    """Load one pickled split as a binary float32 CSR matrix (any stored non-zero = interacted).
+
+    The pickle is read by `Utils.safe_pickle`, which builds numbers only: nothing the file names is executed
+    or handed to numpy's or scipy's own unpickling, and its shape is bounded by the entries it stores.
+    """
     if not path.is_file():
         raise DataError(f"missing file {path}: {RELEASED_DATA_HINT}.")
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            matrix = _MatrixUnpickler(f).load()
-    except UnsafePickle as e:
-        raise DataError(f"refused to load {path}: the pickle names {e}, which is not a scipy.sparse or numpy "
-                        f"class, so it may run code; nothing in it was executed. Re-create the file with "
-                        f"scipy.sparse.save_npz or get it from its source again.") from None
-    except Exception as e:  # any unpickling failure means the file is not what we expect
-        raise DataError(f"cannot read {path} as a pickled scipy.sparse matrix ({type(e).__name__}: {e}); "
-                        f"re-download it ({RELEASED_DATA_HINT}).") from None
-    if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)) or np.ndim(matrix) != 2:
-        raise DataError(f"{path} holds a {type(matrix).__name__}, not a 2-D users x items matrix; "
-                        f"it should be a pickled scipy.sparse matrix.")
+        matrix = loads_matrix(path.read_bytes())
+    except UnsafeMatrix as e:
+        raise DataError(f"refused to load {path} ({e}); nothing in it was executed. Re-create the file with "
+                        f"scipy.sparse.save_npz, or get it from its source again ({RELEASED_DATA_HINT}).") from None
+    except (OSError, MemoryError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}); check the file and the free memory.") from None
+    return binary(matrix)
+
+
+def binary(matrix: sp.spmatrix) -> sp.csr_matrix:
+    """A users x items matrix as binary float32 CSR: duplicates summed, any non-zero = interacted."""
     matrix = sp.csr_matrix(matrix)
     matrix.sum_duplicates()
     matrix = (matrix != 0).astype(np.float32)
@@ -156,6 +130,11 @@ def splits_from_triples(users: np.ndarray, items: np.ndarray, labels: np.ndarray
         raise DataError(f"{where} has {int(bad.sum())} rows with a split label other than 0 (train), 1 "
                           f"(validation) or 2 (test), e.g. {labels[bad][0]}; relabel them.")
     n_users = max(int(users.max()) + 1, n_users or 0)
+    try:  # before any users x items structure is allocated: ids the stored rows cannot justify are refused
+        check_shape((n_users, n_items if n_items is not None else int(items.max()) + 1), len(users), "it")
+    except UnsafeMatrix as e:
+        raise DataError(f"{where}: {e}; ids must be 0, 1, 2, ... without large gaps (`python prepare.py raw` "
+                        f"remaps raw ids).") from None
     if n_items is not None and items.max() >= n_items:
         raise DataError(f"{where} has item id {int(items.max())}, but the feature files have {n_items} rows "
                           f"(ids 0..{n_items - 1}); the item counts disagree: row i of a feature file must be item i.")
@@ -194,16 +173,44 @@ def _binary_csr(users: np.ndarray, items: np.ndarray, shape: Tuple[int, int]) ->
 
 
 def _load_npz(path: Path) -> sp.csr_matrix:
+    """A `scipy.sparse.save_npz` file, read as `Utils.safe_pickle` reads a pickle: the shape and every array's
+    header first (bounded by the entries stored and by what the zip's bytes can expand to), then the arrays,
+    checked before scipy makes a matrix of them."""
     try:
-        matrix = sp.load_npz(path)  # np.load without allow_pickle
-    except Exception as e:
+        with zipfile.ZipFile(path) as archive:
+            names = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
+            layout = read_member(archive, "format.npy", label=True).tobytes().decode("ascii", "replace").strip("\x00") \
+                if "format" in names else ""
+            if layout not in ("coo", "csr", "csc") or "shape" not in names or "data" not in names:
+                raise BadArray(f"no coo/csr/csc matrix in it (format {layout or 'missing'})")
+            shape_array = read_member(archive, "shape.npy") if member_header(archive, "shape.npy")[0] == (2,) \
+                else np.zeros(0)
+            if shape_array.shape != (2,) or shape_array.dtype.kind not in "iu":
+                raise BadArray("its shape is not two integers")
+            shape = (int(shape_array[0]), int(shape_array[1]))
+            entries = member_header(archive, "data.npy")[0]
+            if len(entries) != 1:
+                raise BadArray("its data is not a 1-D array")
+            check_shape(shape, entries[0])
+            keys = ("row", "col") if layout == "coo" else ("indices", "indptr")
+            state = {"_shape": shape, "data": None}
+            for key in ("data", *keys):
+                if key not in names:
+                    raise BadArray(f"its {layout} matrix has no {key} array")
+                header_shape = member_header(archive, f"{key}.npy")[0]
+                expected = shape[0 if layout == "csr" else 1] + 1 if key == "indptr" else entries[0]
+                if header_shape != (expected,):
+                    raise BadArray(f"its {key} array has shape {header_shape}, where ({expected},) is needed")
+                state[key] = read_member(archive, f"{key}.npy")
+    except (BadArray, UnsafeMatrix) as e:
+        raise DataError(f"refused to load {path} ({e}); write it with scipy.sparse.save_npz.") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, MemoryError) as e:
         raise DataError(f"cannot read {path} as a scipy.sparse .npz ({type(e).__name__}: {e}); write it with "
-                          f"scipy.sparse.save_npz.") from None
-    matrix = sp.csr_matrix(matrix)
-    matrix.sum_duplicates()
-    matrix = (matrix != 0).astype(np.float32)
-    matrix.eliminate_zeros()
-    return matrix.tocsr()
+                        f"scipy.sparse.save_npz.") from None
+    try:
+        return binary(build_sparse(layout, state))
+    except UnsafeMatrix as e:
+        raise DataError(f"refused to load {path} ({e}); write it with scipy.sparse.save_npz.") from None
 
 
 def _read_inter(path: Path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -242,40 +249,98 @@ def _read_json_lists(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
 # Writers
 # ---------------------------------------------------------------------------------------------
 
-def write_dataset(folder: Path, splits: Splits, features: Dict[str, np.ndarray], layout: str) -> List[Path]:
-    """Write the splits and `<modality>_feat.npy` files into a new folder in `layout`; returns the files.
+USER_IDS = "user_ids.txt"   # the id maps of a dataset folder (`prepare.py raw`): line i = the raw id of index i
+ITEM_IDS = "item_ids.txt"
 
-    The folder must not hold files already (nothing a user wrote is overwritten).
+
+def write_dataset(folder: Path, splits: Splits, features: Dict[str, np.ndarray], layout: str,
+                  extra: Optional[Callable[[Path], None]] = None,
+                  then: str = "run the same command again") -> List[Path]:
+    """Write the splits and `<modality>_feat.npy` files as a new folder in `layout`; returns the files.
+
+    The folder must not exist or be empty (nothing a user wrote is overwritten). It is written whole beside
+    its final name and renamed into place when complete (`Utils.files.staged_folder`), so that a kill leaves no
+    half-written folder for the next run to refuse; `extra(staging)` writes further files (the id maps) into it
+    before it appears. `then` ends the one-sentence error when the folder cannot be written.
     """
-    if folder.exists() and any(folder.iterdir()):
+    folder = Path(folder)
+    _refuse_existing(folder)
+    names: List[str] = []
+    with staged_folder(folder, then) as staging:
+        if layout == "diffmm":
+            for stem, matrix in zip(DIFFMM_FILES, splits):
+                with open(staging / f"{stem}.pkl", "wb") as f:  # the authors' code reads pickled COO matrices
+                    pickle.dump(sp.coo_matrix(matrix, dtype=np.float32), f)
+                names.append(f"{stem}.pkl")
+        elif layout == "mmrec":
+            name = f"{folder.name}.inter"  # MMRec names the file after the final folder, not the staging one
+            rows = [np.column_stack([*m.nonzero(), np.full(m.nnz, k)]) for k, m in enumerate(splits)]
+            np.savetxt(staging / name, np.concatenate(rows), fmt="%d", delimiter="\t",
+                       header="userID\titemID\tx_label", comments="")
+            names.append(name)
+        elif layout == "mmssl":
+            for name, matrix in zip(MMSSL_FILES, splits):
+                matrix = sp.csr_matrix(matrix)
+                # every user is a key (an empty list too), so that the user count survives the round trip
+                lists = {str(u): matrix.indices[matrix.indptr[u]:matrix.indptr[u + 1]].tolist()
+                         for u in range(matrix.shape[0])}
+                (staging / name).write_text(json.dumps(lists), encoding="utf-8")
+                names.append(name)
+        else:
+            raise DataError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}.")
+        for modality, values in features.items():
+            np.save(staging / f"{modality}_feat.npy", np.asarray(values, dtype=np.float32))
+            names.append(f"{modality}_feat.npy")
+        if extra is not None:
+            extra(staging)
+        # checked again at the end: a folder someone filled while this one was written is refused, not replaced
+        _refuse_existing(folder)
+    return [folder / name for name in names]
+
+
+def _refuse_existing(folder: Path) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"{folder} already exists and is not empty; choose a new folder (nothing is overwritten).")
-    folder.mkdir(parents=True, exist_ok=True)
-    written: List[Path] = []
-    if layout == "diffmm":
-        for stem, matrix in zip(DIFFMM_FILES, splits):
-            path = folder / f"{stem}.pkl"
-            with open(path, "wb") as f:  # the authors' code reads pickled COO matrices
-                pickle.dump(sp.coo_matrix(matrix, dtype=np.float32), f)
-            written.append(path)
-    elif layout == "mmrec":
-        path = folder / f"{folder.name}.inter"
-        rows = [np.column_stack([*m.nonzero(), np.full(m.nnz, k)]) for k, m in enumerate(splits)]
-        np.savetxt(path, np.concatenate(rows), fmt="%d", delimiter="\t", header="userID\titemID\tx_label",
-                   comments="")
-        written.append(path)
-    elif layout == "mmssl":
-        for name, matrix in zip(MMSSL_FILES, splits):
-            path = folder / name
-            matrix = sp.csr_matrix(matrix)
-            # every user is a key (an empty list too), so that the user count survives the round trip
-            lists = {str(u): matrix.indices[matrix.indptr[u]:matrix.indptr[u + 1]].tolist()
-                     for u in range(matrix.shape[0])}
-            path.write_text(json.dumps(lists))
-            written.append(path)
-    else:
-        raise DataError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}.")
-    for modality, values in features.items():
-        path = folder / f"{modality}_feat.npy"
-        np.save(path, np.asarray(values, dtype=np.float32))
-        written.append(path)
-    return written
+
+
+def id_map_bytes(ids: Sequence[str], name: str) -> bytes:
+    """The bytes of an id map: UTF-8, each id followed by "\\n", which no id may contain.
+
+    Any other character, line separators such as "\\r", "\\x1c" or "\\u2028" included, reads back unchanged
+    with `read_id_lines`; only a map whose every id ends with "\\r" cannot be told from a file saved with
+    Windows line ends, so it is refused (`name` is the file, for the message).
+    """
+    ids = [str(i) for i in ids]
+    bad = next((i for i in ids if "\n" in i), None)
+    if bad is not None:
+        raise DataError(f"the id {bad!r} contains a line break, which {name} (one id per line) cannot hold; remove "
+                        f"line breaks from the raw ids.")
+    if ids and all(i.endswith("\r") for i in ids):
+        raise DataError(f"every id of {name} ends with a carriage return (e.g. {ids[0]!r}), which would read back as "
+                        f"Windows line ends; remove the trailing \\r from the raw ids.")
+    return "".join(f"{i}\n" for i in ids).encode("utf-8")
+
+
+def write_id_map(path: Path, ids: Sequence[str]) -> None:
+    """Write an id map (line i = the raw id of index i) into a folder being staged (`write_dataset`'s `extra`)."""
+    Path(path).write_bytes(id_map_bytes(ids, Path(path).name))
+
+
+def read_id_lines(path: Path) -> List[str]:
+    """The lines of an id map or id list exactly as written by `write_id_map`: UTF-8, split at "\\n" only.
+
+    Read as bytes and split at "\\n" alone because raw ids may hold any other character: text mode turns a
+    "\\r" inside an id into a line end, and `str.splitlines` also splits at "\\x1c", "\\x85", "\\u2028" and the
+    like. A file whose every line ends with "\\r" was saved with Windows line ends, which are removed.
+    """
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, one id per "
+                        f"line.") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the line end of the last id
+    if lines and all(line.endswith("\r") for line in lines):
+        lines = [line[:-1] for line in lines]
+    return lines

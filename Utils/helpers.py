@@ -12,17 +12,18 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator
 
 import numpy as np
 import scipy
 import torch
 
+from Utils.errors import UsageError  # noqa: F401  (re-exported: the harness's refusal)
+from Utils.files import atomic_torch_save, atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+
 log = logging.getLogger("diffmm")
 
 
-class UsageError(Exception):
-    """A command-line or environment problem: the message is one sentence saying what to do."""
 
 
 def resolve_device(name: str, gpu: str = "0") -> torch.device:
@@ -142,28 +143,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def atomic_write(path: Path, write, then: Optional[str] = None) -> None:
-    """Write `path` through a temporary file in the same folder and rename it into place, so that a kill
-    leaves either the old file or the new one, never half of one. `write(tmp_path)` writes the content;
-    `then` ends the one-sentence error (default: resume the run the file belongs to)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path} ({e.strerror or e}); free some space or make the folder writable, "
-                         f"then {then or f'resume with --resume {path.parent}'}.") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict:

@@ -5,7 +5,7 @@ writes"), by its constant here:
 
 | constant | file | written |
 |---|---|---|
-| CONFIG | config.json | before the first epoch: every flag but out_dir/resume/config (`Main.py --config` reruns it) |
+| CONFIG | config.json | before the first epoch: every flag but NOT_CONFIGURATION (`Main.py --config` reruns it) |
 | LOG | log.txt | all along: the configuration, then one line per epoch |
 | LAST | last.pt | after every epoch: what `--resume` continues from (deleted at the end with `--keep_last false`) |
 | METRICS | metrics.jsonl | after every epoch: one JSON object per epoch (losses, val/test metrics, seconds) |
@@ -18,12 +18,19 @@ writes"), by its constant here:
 | TENSORBOARD | events.out.tfevents.* | after every epoch with `--tensorboard` (metrics.jsonl stays the truth) |
 
 Writes are atomic (a temporary file renamed into place, `Utils.helpers.atomic_write`), so a kill leaves each
-file whole. Reading a file that is not there is one sentence (`RunFolderError`), never a traceback.
+file whole. Reading a file that is not there, or a checkpoint that is not one of this package's, is one sentence
+(`RunFolderError`), never a traceback. A run folder that other users can write is refused unless
+`--allow_shared_dir` is given (`refuse_shared`): they could replace its files between two epochs.
 """
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import secrets
 import shlex
+import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -46,36 +53,108 @@ GENERATED = "generated_items.npz"
 PER_USER = {"paper": "per_user_paper.npz", "validation": "per_user_validation.npz"}  # by protocol
 TENSORBOARD = "events.out.tfevents.*"
 
-DEFAULT_OUT_DIR = "runs/<data>-<model>-<timestamp>"   # the --out_dir default, as every help text writes it
-# keys of a run's arguments that say where it writes or what it continues, not what it computes
-NOT_CONFIGURATION = ("out_dir", "resume", "config")
+# the --out_dir default, as every help text writes it; <random>: 6 hex digits, so that two runs started in the
+# same second (a sweep's workers, two people sharing runs/) never pick the same folder
+DEFAULT_OUT_DIR = "runs/<data>-<model>-<YYYYmmdd-HHMMSS>-<random>"
+RUNS = Path("runs")  # the folder of the default run folders, relative to the working directory
+# keys of a run's arguments that say where it writes, what it continues or what it may write into, not what it
+# computes: config.json leaves them out, so a rerun from it (or from a file someone sent) cannot decide them
+NOT_CONFIGURATION = ("out_dir", "resume", "config", "allow_shared_dir")
 
 
 class RunFolderError(UsageError):
-    """A run folder lacks the file asked for: one sentence naming the file and what to do."""
+    """A run folder lacks the file asked for, or holds one this package cannot use: one sentence naming the file
+    and what to do."""
 
 
 def default_run_dir(data: str, model: str) -> Path:
-    """runs/<data>-<model>-<timestamp> (DEFAULT_OUT_DIR), relative to the working directory."""
-    return Path("runs") / f"{data}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<data>-<model>-<YYYYmmdd-HHMMSS>-<random> (DEFAULT_OUT_DIR), relative to the working directory."""
+    return RUNS / f"{data}-{model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def make_run_dir(out_dir: Optional[str], data: str, model: str) -> Path:
-    """Create the run folder (`out_dir`, else the default); refuse one that already holds files, so nothing is
-    overwritten."""
-    path = Path(out_dir) if out_dir else default_run_dir(data, model)
+def shared_by_others(path: Path) -> Optional[str]:
+    """Why users other than this one can write the folder `path` ('every user can write it (mode 0777)', 'it
+    belongs to user 1001, ...'), or None when only this user (and root) can. Kept simple on purpose: the folder's
+    owner and its world-write bit, not its group (a group of one's own is the common default and safe). None also
+    when `path` does not exist (reading it then says so)."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    uid = os.getuid() if hasattr(os, "getuid") else None  # no owners to compare on Windows
+    if uid is not None and st.st_uid != uid:
+        return f"it belongs to user {st.st_uid}, not to you (user {uid})"
+    if st.st_mode & stat.S_IWOTH:
+        return f"every user can write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def refuse_shared(path: Path, allow: bool, action: str = "write the run") -> None:
+    """UsageError, one sentence, when others can write the run folder `path` and `allow` (--allow_shared_dir) is
+    not given: whoever can write there can replace config.json or last.pt between two epochs, or a checkpoint
+    that is loaded later. `action`: what was refused ('write the run', 'resume the run')."""
+    reason = None if allow else shared_by_others(path)
+    if reason:
+        raise UsageError(f"will not {action} in {path}: other users can change files there ({reason}); use a "
+                         f"folder of your own, or pass --allow_shared_dir if you trust everyone who can write to it.")
+
+
+def make_run_dir(out_dir: Optional[str], data: str, model: str, allow_shared_dir: bool = False) -> Path:
+    """Create the run folder (`out_dir`, else a new default one); refuse one that already holds files, so nothing
+    is overwritten, and one that other users can write (`refuse_shared`) unless `allow_shared_dir`."""
+    if not out_dir:
+        return _new_default_run_dir(data, model, allow_shared_dir)
+    path = Path(out_dir)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(f"the output folder {path} already exists and is not empty; pass another --out_dir "
                          f"(nothing there is overwritten), or --resume {path} to continue its run.")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to the output folder {path} ({e.strerror or e}); pass an --out_dir you "
                          f"can write to.") from None
+    _check_new_run_dir(path, allow_shared_dir, created)
     return path
+
+
+def _new_default_run_dir(data: str, model: str, allow_shared_dir: bool) -> Path:
+    try:
+        RUNS.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the folder {RUNS} for the run ({e.strerror or e}); pass an --out_dir you "
+                         f"can write to.") from None
+    # mkdir without exist_ok: the folder is this run's own, never one that another run (or someone else) made
+    # under the same name first; then a new suffix is drawn
+    for _ in range(10):
+        path = default_run_dir(data, model)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot create the output folder {path} ({e.strerror or e}); pass an --out_dir you "
+                             f"can write to.") from None
+        _check_new_run_dir(path, allow_shared_dir, created=True)
+        return path
+    raise UsageError(f"could not create a new folder in {RUNS} (every name drawn was taken); pass an --out_dir.")
+
+
+def _check_new_run_dir(path: Path, allow_shared_dir: bool, created: bool) -> None:
+    """Refuse a shared folder (removing it again when this run created it: it is empty), then check that files
+    can be written there, so that the error comes before the run, not after its first epoch."""
+    try:
+        refuse_shared(path, allow_shared_dir)
+    except UsageError:
+        if created:
+            path.rmdir()
+        raise
+    try:
+        with tempfile.TemporaryFile(dir=path):  # a fresh name (no fixed .write_test that someone could plant)
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {path} ({e.strerror or e}); pass an --out_dir you "
+                         f"can write to.") from None
 
 
 def resume_command(run_dir: Path) -> str:
@@ -115,7 +194,7 @@ def read_config(run_dir: Path) -> dict:
         return configuration(read_summary(run_dir)["config"])
     for name in (LAST, BEST):
         if (run_dir / name).is_file():
-            return configuration(torch.load(run_dir / name, map_location="cpu", weights_only=True)["config"])
+            return configuration(read_checkpoint(run_dir / name, ("config",))["config"])
     raise _missing(run_dir / CONFIG, f"{run_dir} holds no saved configuration (config.json, summary.json, last.pt "
                                      f"or best_model.pt); is it a run folder of this package?")
 
@@ -230,7 +309,13 @@ def load_last(run_dir: Path) -> dict:
     if not path.is_file():
         raise RunFolderError(f"{run_dir} has no {LAST}, so there is no run to resume there (is it a run folder of "
                              f"this package?).")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path, LAST_KEYS)
+    harness = state["harness"]
+    if not (isinstance(harness, dict) and {"history", "finished", "best", "stale"} <= set(harness)
+            and isinstance(harness["history"], list) and harness["history"]):
+        raise RunFolderError(f"{path} is not a checkpoint of this package: its 'harness' lacks the epochs run; use "
+                             f"the file the run wrote, or start the run again.")
+    return state
 
 
 def drop_last(run_dir: Path) -> None:
@@ -247,7 +332,57 @@ def load_best(run_dir: Path) -> dict:
     if not path.is_file():
         raise RunFolderError(f"{path} does not exist: {run_dir} is not a finished run folder of this package, or it "
                              f"ran with --save_model false.")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path, BEST_KEYS)
+
+
+# what the harness reads of each checkpoint (Main.save_checkpoint, EpochWriter.write); the model's own part
+# ('state_dict', DiffMM's 'recommender', ...) is checked where the model loads it (Main.restore_checkpoint)
+BEST_KEYS = ("epoch", "config")
+LAST_KEYS = ("config", "model", "harness", "rng")
+
+
+def read_checkpoint(path: Path, required: Iterable[str]) -> dict:
+    """A checkpoint file on the CPU, checked to be a dict holding `required` keys and a configuration
+    ('config': a dict of flag names with a model, data and data_dir); one sentence (RunFolderError) otherwise.
+
+    weights_only=True: unpickling runs no code of the file's, so a checkpoint someone sent can hold tensors and
+    plain values only; what it refuses is reported here instead of torch's page-long message."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text suggests weights_only=False: exactly what must not be done here
+        raise RunFolderError(f"{path} cannot be read as a checkpoint: it is damaged, or holds Python objects besides "
+                             f"tensors and plain values, which are not loaded (they could run code); use the file the "
+                             f"run wrote, or train the run again.") from None
+    except Exception as e:  # RuntimeError (not a zip archive), EOFError (cut short), ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunFolderError(f"{path} cannot be read as a checkpoint ({reason[:200]}); it is damaged or was not "
+                             f"written by this package: train the run again, or use the file the run wrote.") from None
+    if not isinstance(state, dict):
+        raise RunFolderError(f"{path} holds a {type(state).__name__}, not a checkpoint of this package (a dict); "
+                             f"use the file the run wrote, or train the run again.")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise RunFolderError(f"{path} is not a checkpoint of this package: it lacks {', '.join(map(repr, missing))}; "
+                             f"use the file the run wrote, or train the run again.")
+    if "config" in state:
+        problem = _config_problem(state["config"])
+        if problem:
+            raise RunFolderError(f"{path} holds a configuration that {problem}; use the file the run wrote, or "
+                                 f"train the run again.")
+    return state
+
+
+def _config_problem(config: object) -> Optional[str]:
+    # whether the model is registered is the harness's check (Main.model_of_checkpoint): this module is below it
+    if not isinstance(config, dict) or not all(isinstance(k, str) and k.isidentifier() for k in config):
+        return "is not a mapping of flag names to values"
+    missing = [key for key in ("model", "data", "data_dir") if key not in config]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not all(isinstance(config[key], str) for key in ("model", "data", "data_dir")):
+        return "gives model, data or data_dir as something other than text"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import Utils.openmp  # noqa: F401  (first: the OpenMP wait policy, before torch 
 import pickle
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -143,3 +143,55 @@ def tiny_encoders(root: Path, words) -> tuple:
                                                        layer_type="basic")).save_pretrained(hf)
     transformers.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(hf)
     return root / "st", hf
+
+
+def assert_resumes_exactly(data_dir: Path, tmp_path: Path, monkeypatch, *extra: str, cut_at: int = 2) -> None:
+    """A run stopped by Ctrl-C in epoch `cut_at` and resumed from last.pt writes the uninterrupted run's
+    metrics.jsonl (without seconds): every optimiser, scheduler and generator a model keeps is found and restored
+    (Models.base.RecModel.training_state)."""
+    import json
+
+    import Main
+
+    assert Main.main(tiny_args(data_dir, tmp_path / "whole", *extra)) == 0
+    original = Main.train_one_epoch
+
+    def interrupted(model, data, args, epoch):
+        if epoch == cut_at:
+            raise KeyboardInterrupt
+        return original(model, data, args, epoch)
+
+    monkeypatch.setattr(Main, "train_one_epoch", interrupted)
+    with pytest.raises(Main.RunInterrupted):  # a Ctrl-C stops the caller too
+        Main.main(tiny_args(data_dir, tmp_path / "cut", *extra))
+    monkeypatch.setattr(Main, "train_one_epoch", original)
+    assert Main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+
+    def records(name: str) -> list:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert records("cut") == records("whole")
+
+
+# every registered model at small sizes, for the tests that run each one (resume, the CPU/CUDA comparison); a test
+# fails for a registered model missing here
+SMALL_FLAGS: Dict[str, Tuple[str, ...]] = {
+    "diffmm": ("--dims", "[32]", "--latdim", "16", "--batch", "128", "--eval_graph", "full"),
+    "mf": ("--embedding_size", "16"),
+    "lightgcn": ("--embedding_size", "16", "--n_layers", "2"),
+    "vbpr": ("--embedding_size", "16"),
+    "lattice": ("--embedding_size", "16", "--feat_embed_dim", "16", "--knn_k", "5"),
+    "freedom": ("--embedding_size", "16", "--feat_embed_dim", "16", "--knn_k", "5"),
+    "bm3": ("--embedding_size", "16", "--dropout", "0"),
+    "lgmrec": ("--embedding_size", "16", "--deterministic_hyper", "true"),
+    "diffrec": ("--dims", "[32]", "--steps", "10", "--batch", "64"),
+    "mmssl": ("--embed_size", "16", "--batch", "64", "--D_lr", "0"),
+    "mdmns": ("--dims", "[32]", "--latdim", "16", "--batch", "128", "--eval_graph", "full",
+              "--guide_fresh_per_call", "false"),
+    "ngcf": ("--embed_size", "16", "--layer_size", "[16,16]"),
+    "sgl": ("--embed_size", "16"),
+    "ncl": ("--embedding_size", "16", "--num_clusters", "8", "--warm_up_step", "0"),
+    "hccf": ("--latdim", "16", "--hyperNum", "16"),
+    "pop": (),
+}

@@ -218,7 +218,9 @@ def test_a_rerun_from_a_finished_runs_folder_repeats_its_metrics_exactly(gen_dir
     config = json.loads((first / "config.json").read_text())
     assert config["seed"] == 7 and config["dims"] == [16] and "out_dir" not in config
     again = tmp_path / "again"
-    assert Main.main(["--config", str(first), "--out_dir", str(again)]) == 0
+    # config.json's data_dir is not followed (the data folder comes from the command line, default Datasets):
+    # the rerun names it again
+    assert Main.main(["--config", str(first), "--data_dir", str(gen_dir), "--out_dir", str(again)]) == 0
     assert records(again) == records(first) and len(records(first)) == 2
     rerun = json.loads((again / "config.json").read_text())
     assert rerun == config

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 import Main
-from conftest import tiny_args
+from conftest import SMALL_FLAGS, tiny_args
 from DataHandler import DeviceRows, device_batches, sample_negatives, train_pairs
-from Model import Denoiser, GaussianDiffusion
 from Models import get_model, model_names
 from Models.base import RecModel
 from Models.diffrec import StepHistory
+from Models.diffusion import Denoiser, GaussianDiffusion
 from Models.mdmns import full_nce, guide_features, guided_losses
 from Params import parse_args
 from Utils.kernels import LogSumExpLogits
@@ -289,21 +289,7 @@ def test_batch_pieces_are_built_on_cuda_without_a_sync_and_match_the_cpu():
 # the parameters and the inputs: lr 0 (an optimiser step changes nothing), no dropout where eval mode does not
 # switch it off (BM3's targets), LGMRec's hyperedges without Gumbel noise at evaluation, the full generated graphs
 # at DiffMM's and MDMNS's evaluation, MDMNS's persistent guidance modules (not a new random one per call).
-COMPARE_FLAGS: Dict[str, Tuple[str, ...]] = {
-    "diffmm": ("--dims", "[32]", "--latdim", "16", "--batch", "128", "--eval_graph", "full"),
-    "mf": ("--embedding_size", "16"),
-    "lightgcn": ("--embedding_size", "16", "--n_layers", "2"),
-    "vbpr": ("--embedding_size", "16"),
-    "lattice": ("--embedding_size", "16", "--feat_embed_dim", "16", "--knn_k", "5"),
-    "freedom": ("--embedding_size", "16", "--feat_embed_dim", "16", "--knn_k", "5"),
-    "bm3": ("--embedding_size", "16", "--dropout", "0"),
-    "lgmrec": ("--embedding_size", "16", "--deterministic_hyper", "true"),
-    "diffrec": ("--dims", "[32]", "--steps", "10", "--batch", "64"),
-    "mmssl": ("--embed_size", "16", "--batch", "64", "--D_lr", "0"),
-    "mdmns": ("--dims", "[32]", "--latdim", "16", "--batch", "128", "--eval_graph", "full",
-              "--guide_fresh_per_call", "false"),
-    "pop": (),
-}
+COMPARE_FLAGS = SMALL_FLAGS   # every model at small sizes (conftest)
 BATCH = 48   # user rows of the row-wise probes (DiffRec, the denoisers, MMSSL)
 
 
@@ -430,6 +416,10 @@ PROBES: Dict[str, Tuple[Align, Probe]] = {
     "lgmrec": (None, pairwise_loss),
     "diffrec": (None, diffrec_loss),
     "mmssl": (None, mmssl_losses),
+    "ngcf": (None, pairwise_loss),
+    "sgl": (None, lambda m, x: m.batch_loss(x["users"], x["positives"], x["negatives"])),
+    "ncl": (None, pairwise_loss),
+    "hccf": (None, pairwise_loss),
     "pop": (None, None),
 }
 

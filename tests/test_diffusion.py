@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from Model import Denoiser, GaussianDiffusion, noise_schedule, step_embedding
+from Models.diffusion import Denoiser, GaussianDiffusion, noise_schedule, step_embedding
 
 CPU = torch.device("cpu")
 
@@ -444,3 +444,85 @@ def test_the_hidden_reverse_process_is_used_only_where_exact(tiny_dir):
                             (("--reverse", "direct"), False)):
         args = parse_args(["--data", "tiny", "--data_dir", str(tiny_dir), "--dims", "[16]", *extra])
         assert Main.build_model(args, data, torch.device("cpu")).hidden_reverse is expected, extra
+
+
+# ------------------------------------------------------------------------------------------------
+# what the three diffusion models share (Models/diffusion.py): the denoiser's input as a parameter, the reverse
+# scorer, the one chooser of the reverse chain, the flags and their checks
+# ------------------------------------------------------------------------------------------------
+
+def test_p_sample_feeds_the_denoiser_the_given_input_at_every_step():
+    diff, ref, den, x0 = _sampling_setup()
+    den.eval()
+    fed = []
+
+    def double(x):
+        fed.append(x)
+        return 2.0 * x
+
+    got = diff.p_sample(den, x0, 0, False, denoiser_input=double)
+    expected = diff.p_sample(lambda x, t, mess_dropout=True: den(2.0 * x, t, mess_dropout), x0, 0, False)
+    assert len(fed) == diff.steps and torch.equal(fed[0], x0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_reverse_scorer_runs_the_chosen_chain_on_the_users_rows():
+    from contextlib import nullcontext
+
+    import scipy.sparse as sp
+
+    from DataHandler import DeviceRows
+    from Models.diffusion import reverse_scorer
+
+    torch.manual_seed(3)
+    den = Denoiser(40, [12], 6, norm=False).eval()
+    diff = GaussianDiffusion(0.1, 1e-4, 0.02, 4, CPU)
+    matrix = sp.random(9, 40, density=0.1, format="csr", random_state=2)
+    matrix.data[:] = 1.0
+    rows, users = DeviceRows(matrix, CPU), torch.tensor([4, 0, 7])
+    x0 = torch.from_numpy(matrix[users.numpy()].toarray().astype(np.float32))
+    direct = reverse_scorer(diff, den, rows, 0, False, False, nullcontext)(users)
+    torch.testing.assert_close(direct, diff.p_sample(den, x0, 0, False), rtol=0, atol=0)
+    hidden = reverse_scorer(diff, den, rows, 0, False, True, nullcontext)(users, users.numpy())
+    torch.testing.assert_close(hidden, direct, rtol=0, atol=1e-5 * direct.abs().max().item())
+    seen = []
+    fed = reverse_scorer(diff, den, rows, 0, False, False, nullcontext,
+                         lambda x_t, batch: seen.append(batch) or x_t)(users)
+    torch.testing.assert_close(fed, direct, rtol=0, atol=0)
+    assert all(b is users for b in seen) and len(seen) == diff.steps
+    with pytest.raises(ValueError):
+        reverse_scorer(diff, den, rows, 0, False, True, nullcontext, lambda x_t, batch: x_t)
+
+
+def test_one_chooser_and_one_check_for_the_reverse_chain_of_every_model():
+    import argparse
+
+    from Models.diffusion import add_diffusion_args, check_diffusion_flags, use_hidden_reverse
+
+    def parse(emb_flag, steps, *argv, extra=()):
+        parser = argparse.ArgumentParser()
+        group = parser.add_argument_group("diffusion")
+        add_diffusion_args(group, emb_flag=emb_flag, steps=steps)
+        for flag, default in extra:
+            group.add_argument(flag, default=default)
+        return parser.parse_args(list(argv))
+
+    diffmm = parse("d_emb_size", 5)
+    assert (diffmm.steps, diffmm.d_emb_size, diffmm.dims, diffmm.reverse) == (5, 10, [1000], "auto")
+    diffrec = parse("emb_size", 100, "--mean_type", "eps", extra=[("--mean_type", "x0")])
+    assert (diffrec.steps, diffrec.emb_size) == (100, 10) and not hasattr(diffrec, "d_emb_size")
+    # wide catalogue, many steps: hidden where exact; never where the denoiser reads or predicts something else
+    assert use_hidden_reverse(parse("d_emb_size", 40, "--dims", "[16]"), 600, 64)
+    assert not use_hidden_reverse(parse("d_emb_size", 40, "--dims", "[16]"), 600, 64, reads_x_t=False)
+    assert not use_hidden_reverse(parse("d_emb_size", 40, "--dims", "[16]", "--norm", "true"), 600, 64)
+    assert not use_hidden_reverse(parse("d_emb_size", 40, "--dims", "[16]", "--reverse", "direct"), 600, 64)
+    assert not use_hidden_reverse(diffrec, 600, 64)                                       # --mean_type eps
+    assert check_diffusion_flags(diffmm) is None
+    assert check_diffusion_flags(parse("emb_size", 100, "--emb_size", "0"), emb_flag="emb_size") == \
+        "--emb_size must be at least 1, got 0."
+    assert check_diffusion_flags(parse("d_emb_size", 5, "--reverse", "hidden", "--norm", "true")) == (
+        "--reverse hidden is exact only with --norm false and --sampling_noise false; use --reverse auto or direct.")
+    hidden_eps = parse("emb_size", 100, "--reverse", "hidden", "--mean_type", "eps", extra=[("--mean_type", "x0")])
+    assert check_diffusion_flags(hidden_eps, emb_flag="emb_size") == (
+        "--reverse hidden is exact only with --mean_type x0, --norm false and --sampling_noise false; use --reverse "
+        "auto or direct.")

@@ -15,7 +15,10 @@ import Main
 import Model
 from DataHandler import dense_rows, load_data, sample_negatives, train_pairs
 from Experiments import reproduce, sweep
-from Model import VGAE, Denoiser
+from Experiments.plan import GridPlan, Sweep, named_grid, parse_grid
+from Experiments.runs import Options, run_plan
+from Model import VGAE
+from Models.diffusion import Denoiser
 from Params import parse_args
 from Utils import figures
 from Utils.layers import Graph
@@ -258,8 +261,8 @@ def test_sweep_two_cells_then_nothing_new(data_dir, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["temp"] for r in rows] == ["0.1", "0.5"] and "test_Recall@20_mean" in rows[0]
     assert is_png(sweep_dir / "sweep.png")
-    again = sweep.sweep(sweep.parse_grid(["temp=0.1,0.5"]), [7], sweep_dir, base)
-    assert again["ran"] == [] and len(again["skipped"]) == 2
+    again = run_plan(GridPlan(sweep_dir, [Sweep.of(sweep_dir, parse_grid(["temp=0.1,0.5"]), [7], base)]))[0]
+    assert again.ran == [] and len(again.skipped) == 2
 
 
 @pytest.mark.slow
@@ -276,18 +279,19 @@ def test_model_grid_preset_runs_mmrecs_grid_and_selects_on_validation(data_dir, 
     best_val = max(rows, key=lambda r: float(r["val_Recall@20_mean"]))
     assert f"Selected (best mean validation Recall@20): reg_weight={best_val['reg_weight']}" in \
         (sweep_dir / "table.md").read_text()
-    mmrec = sweep.sweep(sweep.preset("mf"), [421], sweep_dir, base + ["--model", "mf"], select="mmrec")
-    assert mmrec["ran"] == [] and mmrec["selected"] == max(mmrec["rows"], key=lambda r: r["test_Recall@20_mean"])
-    assert sweep.preset("lightgcn") == {"n_layers": ["1", "2", "3", "4"],
-                                        "reg_weight": ["0.01", "0.001", "0.0001", "1e-05", "1e-06"]}
+    mmrec = run_plan(GridPlan(sweep_dir, [Sweep.of(sweep_dir, named_grid("mf"), [421], base + ["--model", "mf"])]),
+                     Options(select="mmrec"))[0]
+    assert mmrec.ran == [] and mmrec.selected == max(mmrec.rows, key=lambda r: r["test_Recall@20_mean"])
+    assert named_grid("lightgcn") == {"n_layers": ["1", "2", "3", "4"],
+                                      "reg_weight": ["0.01", "0.001", "0.0001", "1e-05", "1e-06"]}
     assert sweep.main(["--grid", "nomodel", "--sweep_dir", str(tmp_path / "x"), *base]) == 2
 
 
 def test_sweep_rejects_bad_grids():
     for bad in (["nonsense=1,2"], ["temp"], ["seed=1,2"]):
         with pytest.raises(ValueError):
-            sweep.parse_grid(bad)
-    assert sweep.parse_grid(["temp=0.1,0.5 ssl_reg=1"]) == {"temp": ["0.1", "0.5"], "ssl_reg": ["1"]}
+            parse_grid(bad)
+    assert parse_grid(["temp=0.1,0.5 ssl_reg=1"]) == {"temp": ["0.1", "0.5"], "ssl_reg": ["1"]}
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from Params import parse_args
 from Utils.helpers import PhaseTimer
 from Utils.graphs import coalesce, coo_to_csr, cosine_topk, knn_coo, row_normalized_graph, symnorm
 
+from conftest import assert_resumes_exactly
+
 CPU = torch.device("cpu")
 
 
@@ -438,28 +440,7 @@ def test_model_trains_and_beats_popularity(synthetic_dir, tmp_path, model):
 
 def test_freedom_interrupted_run_resumes_to_the_same_numbers(tiny_dir, tmp_path, monkeypatch):
     """The pruning generator is saved in last.pt: the resumed epochs draw the uninterrupted run's graphs."""
-    from conftest import tiny_args
 
     extra = ("--model", "freedom", "--epoch", "4", "--knn_k", "3", "--batch", "16", "--embedding_size", "8",
              "--feat_embed_dim", "8")
-    assert Main.main(tiny_args(tiny_dir, tmp_path / "whole", *extra)) == 0
-    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    # the same run stopped by Ctrl-C in epoch 2, then resumed from last.pt (epoch 1)
-    original = Main.train_one_epoch
-
-    def interrupted(model_, data, args, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(model_, data, args, epoch)
-
-    monkeypatch.setattr(Main, "train_one_epoch", interrupted)
-    with pytest.raises(Main.RunInterrupted):  # a Ctrl-C stops the caller too
-        Main.main(tiny_args(tiny_dir, tmp_path / "cut", *extra))
-    monkeypatch.setattr(Main, "train_one_epoch", original)
-    assert Main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
-    resumed = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-
-    def without_seconds(lines):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
-
-    assert without_seconds(resumed) == without_seconds(whole)
+    assert_resumes_exactly(tiny_dir, tmp_path, monkeypatch, *extra)

@@ -17,7 +17,7 @@ from Params import parse_args
 from Utils.helpers import PhaseTimer, seed_everything
 from Utils.metrics import evaluate
 
-from conftest import hand_made, tiny_args
+from conftest import assert_resumes_exactly, hand_made, tiny_args
 
 CPU = torch.device("cpu")
 
@@ -690,26 +690,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tiny_dir, tmp_path, monkeyp
     a run stopped after epoch 1 and resumed logs exactly the uninterrupted run's losses and metrics."""
     extra = ("--model", "mmssl", "--epoch", "3", "--batch", "16", "--embed_size", "8", "--head_num", "2",
              "--m_topk_rate", "0.25", "--T", "3")
-    assert Main.main(tiny_args(tiny_dir, tmp_path / "whole", *extra)) == 0
-    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    original = Main.train_one_epoch
-
-    def interrupted(model_, data, args, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(model_, data, args, epoch)
-
-    monkeypatch.setattr(Main, "train_one_epoch", interrupted)
-    with pytest.raises(Main.RunInterrupted):  # a Ctrl-C stops the caller too
-        Main.main(tiny_args(tiny_dir, tmp_path / "cut", *extra))
-    monkeypatch.setattr(Main, "train_one_epoch", original)
-    assert Main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
-    resumed = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-
-    def without_seconds(lines):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
-
-    assert len(whole) == 3 and without_seconds(resumed) == without_seconds(whole)
+    assert_resumes_exactly(tiny_dir, tmp_path, monkeypatch, *extra)
 
 
 def test_impossible_configurations_are_one_sentence(tmp_path):

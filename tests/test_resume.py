@@ -20,7 +20,8 @@ import evaluate
 import recommend
 from Utils.helpers import UsageError, atomic_write_text
 
-from conftest import ROOT, NaNModel, tiny_args
+from conftest import ROOT, SMALL_FLAGS, NaNModel, assert_resumes_exactly, tiny_args
+from Models import model_names
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")   # one thread: bit-for-bit repeatable runs
 
@@ -145,7 +146,7 @@ def test_a_failed_write_keeps_the_old_file_whole(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     path.write_text("old")
 
-    def full_disk(self, text):
+    def full_disk(self, *args, **kwargs):  # Path.write_text(text, encoding=...)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(path), "write_text", full_disk)
@@ -205,12 +206,13 @@ def test_recommend_writes_each_users_top_k_unseen_items(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_its_unfinished_run(gen_dir, tmp_path):
-    from Experiments import sweep
+    from Experiments.plan import GridPlan, Sweep, run_dir_of
+    from Experiments.runs import run_plan
 
     sweep_dir = tmp_path / "sweep"
     base = ["--data", "gen", "--data_dir", str(gen_dir), "--dims", "[32]", "--latdim", "8", "--batch", "64",
             "--quiet", "--epoch", "6"]
-    run_dir = sweep.run_dir_of(sweep_dir, {"temp": "0.5"}, 421)
+    run_dir = run_dir_of(sweep_dir, {"temp": "0.5"}, 421)
     process = subprocess.Popen([sys.executable, str(ROOT / "Main.py"), *base, "--temp", "0.5", "--seed", "421",
                                 "--out_dir", str(run_dir)], env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -218,7 +220,20 @@ def test_an_interrupted_sweep_resumes_its_unfinished_run(gen_dir, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = records(run_dir)[:2]
-    result = sweep.sweep({"temp": ["0.5"]}, [421], sweep_dir, base)
-    assert result["ran"] == [str(run_dir)]
+    result = run_plan(GridPlan(sweep_dir, [Sweep.of(sweep_dir, {"temp": ["0.5"]}, [421], base)]))[0]
+    assert result.ran == [str(run_dir)]
     assert "resuming" in (run_dir / "log.txt").read_text()
     assert records(run_dir)[:2] == before and len(records(run_dir)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", model_names())
+def test_every_model_resumes_exactly(tiny_dir, tmp_path, monkeypatch, model):
+    """Each registered model, stopped in epoch 2 and resumed, writes the uninterrupted run's numbers: a new model
+    whose optimiser, scheduler or generator is not found by RecModel.training_state fails here."""
+    assert_resumes_exactly(tiny_dir, tmp_path, monkeypatch, "--model", model, *SMALL_FLAGS[model], "--epoch", "3",
+                           "--tstEpoch", "1", "--patience", "0")
+
+
+def test_every_model_has_small_flags():
+    assert set(SMALL_FLAGS) == set(model_names())

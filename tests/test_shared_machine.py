@@ -158,7 +158,7 @@ def matmul_flops(fn) -> int:
 ])
 def test_auto_picks_the_path_with_fewer_counted_flops(n_items, hidden, steps, batch):
     """The choice against torch's own FLOP count of both paths (dense start, as the rule counts it)."""
-    from Model import Denoiser, GaussianDiffusion, hidden_reverse_is_cheaper
+    from Models.diffusion import Denoiser, GaussianDiffusion, hidden_reverse_is_cheaper
 
     torch.manual_seed(0)
     denoiser = Denoiser(n_items, [hidden], 10, False).eval()

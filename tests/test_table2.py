@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from Experiments import reproduce, sweep
+from Experiments import paper, stats, tables
+from Models import model_names
 from Utils import figures, run_folder
 
 METRICS = ("Recall", "NDCG", "Precision")
@@ -28,10 +29,10 @@ GROUPS = ("0-5", "5-10", "10-20", "20-50", "50+")
 # ------------------------------------------------------------------------------------------------
 
 def test_improvement_is_relative_to_the_best_other():
-    assert reproduce.improvement(0.12, 0.10) == pytest.approx(20.0)
+    assert stats.improvement(0.12, 0.10) == pytest.approx(20.0)
     # MMSSL's README: TikTok R@20 0.0921 against SLMRec's 0.0845 is printed as 8.99%
-    assert round(reproduce.improvement(0.0921, 0.0845), 2) == 8.99
-    assert reproduce.improvement(0.09, 0.10) == pytest.approx(-10.0)
+    assert round(stats.improvement(0.0921, 0.0845), 2) == 8.99
+    assert stats.improvement(0.09, 0.10) == pytest.approx(-10.0)
 
 
 def t_p_two_dof(d) -> float:
@@ -45,12 +46,12 @@ def t_p_two_dof(d) -> float:
 def test_paired_t_p_matches_the_closed_form():
     ours, other = [0.110, 0.121, 0.113], [0.100, 0.104, 0.111]
     expected = t_p_two_dof(np.subtract(ours, other))
-    assert reproduce.paired_t_p(ours, other) == pytest.approx(expected, rel=1e-9)
+    assert stats.paired_t_p(ours, other) == pytest.approx(expected, rel=1e-9)
     assert 0.05 < expected < 0.5                                  # a spread-out difference: not significant
     tight = t_p_two_dof([0.020, 0.021, 0.019])
-    assert reproduce.paired_t_p([0.12, 0.121, 0.119], [0.1, 0.1, 0.1]) == pytest.approx(tight) and tight < 0.01
-    assert reproduce.paired_t_p([0.1], [0.2]) is None             # one seed: no test
-    assert reproduce.paired_t_p([0.2, 0.3], [0.1, 0.2]) is None   # the same difference twice: t undefined
+    assert stats.paired_t_p([0.12, 0.121, 0.119], [0.1, 0.1, 0.1]) == pytest.approx(tight) and tight < 0.01
+    assert stats.paired_t_p([0.1], [0.2]) is None             # one seed: no test
+    assert stats.paired_t_p([0.2, 0.3], [0.1, 0.2]) is None   # the same difference twice: t undefined
 
 
 def exact_wilcoxon_p(d) -> float:
@@ -81,10 +82,10 @@ def test_wilcoxon_p_matches_the_exact_distribution():
     d = np.array([0.31, -0.07, 0.52, 0.18, -0.11, 0.44, 0.26, 0.05])   # distinct magnitudes, no zero
     other = np.linspace(0.0, 0.5, len(d))
     assert exact_wilcoxon_p(d) == pytest.approx(enumerated_wilcoxon_p(d))
-    assert reproduce.wilcoxon_p(other + d, other) == pytest.approx(exact_wilcoxon_p(d), rel=1e-9)
+    assert stats.wilcoxon_p(other + d, other) == pytest.approx(exact_wilcoxon_p(d), rel=1e-9)
     all_up = np.array([0.3, 0.1, 0.5, 0.2, 0.4, 0.6])
-    assert reproduce.wilcoxon_p(all_up, np.zeros(6)) == pytest.approx(2 / 2 ** 6)   # only the all-positive pattern
-    assert reproduce.wilcoxon_p(np.ones(5), np.ones(5)) is None                     # nothing differs
+    assert stats.wilcoxon_p(all_up, np.zeros(6)) == pytest.approx(2 / 2 ** 6)   # only the all-positive pattern
+    assert stats.wilcoxon_p(np.ones(5), np.ones(5)) is None                     # nothing differs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def table(tmp_path_factory):
     results = {model: {"setting": "default", "runs": [write_run(root / model / "base" / f"seed{s}", model, i)
                                                        for i, s in enumerate(SEEDS)]} for model in RECALL}
     results["mmssl"] = "skipped: for the test"
-    text = reproduce.write_table2("tiktok", "a hand-made note", results, root)
+    text = tables.write_table2("tiktok", "a hand-made note", results, root)
     with open(root / "comparison.csv") as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
     return root, rows, text
@@ -216,7 +217,7 @@ def test_tex_cells_equal_the_csv_everywhere(table):
     root, rows, _ = table
     blocks = tex_blocks((root / "comparison.tex").read_text())
     assert set(blocks) == {"Ours, validation protocol", "Ours, paper protocol", "Published"}
-    names = {v: k for k, v in reproduce.DISPLAY.items()}
+    names = {paper.display_name(m): m for m in model_names()}
     for title, protocol in (("Ours, validation protocol", "validation"), ("Ours, paper protocol", "paper")):
         block = blocks[title]
         assert list(block)[:4] == ["MF-BPR", "LightGCN", "BM3", "DiffMM"]       # the paper's order, DiffMM last
@@ -263,7 +264,7 @@ def test_a_missing_per_user_file_is_a_note_not_a_failure(tmp_path):
     results = {model: {"setting": "default", "runs": [write_run(tmp_path / model / f"seed{s}", model, i)
                                                        for i, s in enumerate(SEEDS)]} for model in ("diffmm", "mf")}
     (results["mf"]["runs"][0] / run_folder.PER_USER["validation"]).unlink()
-    text = reproduce.write_table2("tiktok", "note", results, tmp_path)
+    text = tables.write_table2("tiktok", "note", results, tmp_path)
     with open(tmp_path / "comparison.csv") as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
     mf = rows["mf"]
@@ -336,9 +337,9 @@ def sweep_row(label: str) -> dict:
 
 
 def test_no_sweep_png_for_one_cell(tmp_path):
-    written = sweep.write_tables([sweep_row("0.1")], [], tmp_path / "one")
+    written = tables.write_tables([sweep_row("0.1")], [], tmp_path / "one")
     assert not (tmp_path / "one" / "sweep.png").exists() and all(p.exists() for p in written)
-    sweep.write_tables([sweep_row("0.1"), sweep_row("0.5")], ["temp"], tmp_path / "two")
+    tables.write_tables([sweep_row("0.1"), sweep_row("0.5")], ["temp"], tmp_path / "two")
     assert (tmp_path / "two" / "sweep.png").is_file()
 
 

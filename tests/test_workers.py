@@ -1,4 +1,4 @@
-"""Many runs at once (Experiments/workers.py): worker processes sharing one Optuna study in SQLite, a journal
+"""Many runs at once (Experiments/study.py, Experiments/storage.py): worker processes sharing one Optuna study in SQLite, a journal
 file or PostgreSQL; a worker killed with SIGKILL and its run resumed by another; the duplicate guard; bad
 input; --keep_last; --search tpe and --prune. One CPU thread everywhere, so that the workers' numbers are
 the sequential sweep's bit for bit."""
@@ -24,8 +24,12 @@ import torch
 
 import Main
 import Models
-from Experiments import reproduce, sweep, workers
+from Experiments import reproduce, sweep
+from Experiments.plan import GridPlan, Range, Sweep, parse_search, run_argv
+from Experiments.storage import StorageSpec, open_storage, parse_storage, with_driver
+from Experiments.study import Worker, add_worker_args, make_study, run_flags_of, study_name, worker_argv
 from Params import parse_args
+from Utils.helpers import UsageError
 
 from conftest import ROOT, tiny_args
 
@@ -53,7 +57,7 @@ def run_sweep(*args, timeout=240) -> subprocess.CompletedProcess:
 
 def trials_of(storage: str):
     """The trials of the one study in `storage` (a --storage text)."""
-    opened = workers.open_storage(workers.parse_storage(storage, Path(".")), 60)
+    opened = open_storage(parse_storage(storage, Path(".")), 60)
     return optuna.load_study(study_name=None, storage=opened).get_trials(deepcopy=False)
 
 
@@ -197,64 +201,63 @@ def test_a_worker_killed_mid_run_is_taken_over_and_its_run_resumed(kind, gen_dir
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # trials asked by hand, not by Study.optimize
 def test_the_later_of_two_trials_of_one_run_yields_without_training(tmp_path):
-    plan = workers.plan_of(tmp_path / "s", [(tmp_path / "s", {"temp": ["0.1"]}, [1], ["--epoch", "1"])])
-    storage = workers.open_storage(workers.parse_storage(None, tmp_path), 60)
-    study = workers.make_study(storage, "dup", None, plan.space, False, parse_opts([]), 0)
+    plan = GridPlan(tmp_path / "s", [Sweep.of(tmp_path / "s", {"temp": ["0.1"]}, [1], ["--epoch", "1"])])
+    storage = open_storage(parse_storage(None, tmp_path), 60)
+    study = make_study(storage, "dup", plan, False, parse_opts([]), 0)
     for _ in range(2):
         study.enqueue_trial({"temp": "0.1", "seed": 1})
     first, second = study.ask(), study.ask()
     first.set_user_attr("run", "temp=0.1/seed1")     # the earlier trial holds the run
     with pytest.raises(optuna.TrialPruned):
-        workers.Worker(study, plan, [], 0.1).objective(second)
+        Worker(study, plan, [], 0.1).objective(second)
     assert second.user_attrs["duplicate_of"] == first.number and second.user_attrs["run"] == "temp=0.1/seed1"
     assert not (tmp_path / "s" / "temp=0.1").exists()       # nothing trained
     # the earlier one, asked again, does not yield to the later (it would train; here its holder check only)
-    assert workers.Worker(study, plan, [], 0.1).earlier_holder(first.number, "temp=0.1/seed1") is None
+    assert Worker(study, plan, [], 0.1).earlier_holder(first.number, "temp=0.1/seed1") is None
 
 
 def parse_opts(extra):
     p = __import__("argparse").ArgumentParser()
-    workers.add_worker_args(p, search=True)
+    add_worker_args(p, search=True)
     return p.parse_args(extra)
 
 
 def test_storage_urls_ranges_and_each_workers_flags(tmp_path):
-    parse = workers.parse_storage
-    assert parse(None, tmp_path) == workers.StorageSpec("rdb", f"sqlite:///{tmp_path.resolve() / 'optuna.db'}")
+    parse = parse_storage
+    assert parse(None, tmp_path) == StorageSpec("rdb", f"sqlite:///{tmp_path.resolve() / 'optuna.db'}")
     for text in (f"journal:{tmp_path}/a.log", f"{tmp_path}/a.log"):
-        assert parse(text, tmp_path) == workers.StorageSpec("journal", str(tmp_path.resolve() / "a.log"))
+        assert parse(text, tmp_path) == StorageSpec("journal", str(tmp_path.resolve() / "a.log"))
     assert parse("postgresql://u:secret@db.example:5432/sweeps", tmp_path).shown() == \
         "postgresql://u:***@db.example:5432/sweeps"
     for bad in ("sqlite://", "sqlite:///:memory:", "postgresql://u@/x", "postgres://u@h/x", "redis://h", "a.db"):
-        with pytest.raises(workers.UsageError):
+        with pytest.raises(UsageError):
             parse(bad, tmp_path)
-    assert workers.with_driver("sqlite:///x.db") == "sqlite:///x.db"
-    search = workers.parse_search({"temp": ["0.05:1.0:log"], "latdim": ["32:128:int"], "trans": ["0", "1"]})
-    assert search == {"temp": workers.Range(0.05, 1.0, True, False), "latdim": workers.Range(32, 128, False, True),
+    assert with_driver("sqlite:///x.db") == "sqlite:///x.db"
+    search = parse_search({"temp": ["0.05:1.0:log"], "latdim": ["32:128:int"], "trans": ["0", "1"]})
+    assert search == {"temp": Range(0.05, 1.0, True, False), "latdim": Range(32, 128, False, True),
                       "trans": ["0", "1"]}
     for bad in ({"temp": ["1.0:0.05"]}, {"temp": ["0:1:log"]}, {"temp": ["a:b"]}, {"temp": ["0.1:1:cube"]},
                 {"temp": ["0.1:1", "0.5"]}):
-        with pytest.raises(workers.UsageError):
-            workers.parse_search(bad)
+        with pytest.raises(UsageError):
+            parse_search(bad)
     # each worker: its GPU, and its share of the CPUs unless --threads is given
     from Utils.helpers import available_cpus
     share = str(max(1, available_cpus() // 3))
-    assert workers.run_flags_of(2, 3, [], []) == ["--threads", share]
-    assert workers.run_flags_of(1, 2, [4, 6], ["--threads", "2"]) == ["--device", "cuda", "--gpu", "6"]
+    assert run_flags_of(2, 3, [], []) == ["--threads", share]
+    assert run_flags_of(1, 2, [4, 6], ["--threads", "2"]) == ["--device", "cuda", "--gpu", "6"]
     argv = ["--grid", "temp=0.1", "--workers", "2", "--storage=x.log", "--quiet"]
-    assert workers.worker_argv(argv, "journal:/s.log", "st", 1, ["--threads", "1"]) == \
-        ["--grid", "temp=0.1", "--quiet", "--storage", "journal:/s.log", "--study", "st", "--worker_index", "1",
-         "--threads", "1"]
+    assert worker_argv(argv, "st", 1, ["--threads", "1"]) == \
+        ["--grid", "temp=0.1", "--quiet", "--study", "st", "--worker_index", "1", "--threads", "1"]  # storage: env
     # the study's name: the folder's and the runs' (not how they run: threads, device, quiet)
-    plan = workers.plan_of(tmp_path / "s", [(tmp_path / "s", {"temp": ["0.1", "0.5"]}, [1, 2], ["--epoch", "1"])])
+    plan = GridPlan(tmp_path / "s", [Sweep.of(tmp_path / "s", {"temp": ["0.1", "0.5"]}, [1, 2], ["--epoch", "1"])])
     assert plan.space == {"temp": ["0.1", "0.5"], "seed": [1, 2]} and [j.key for j in plan.jobs] == KEYS
     assert plan.job_of({"seed": 2, "temp": "0.5"}).run_dir == tmp_path / "s" / "temp=0.5" / "seed2"
-    plan_threads = workers.plan_of(tmp_path / "s", [(tmp_path / "s", {"temp": ["0.1", "0.5"]}, [1, 2],
-                                                     ["--epoch", "1", "--threads", "3", "--quiet"])])
-    plan_other = workers.plan_of(tmp_path / "s", [(tmp_path / "s", {"temp": ["0.1", "0.5"]}, [1, 2], ["--epoch", "2"])])
-    name = workers.study_name(tmp_path / "s", workers.plan_identity(plan))
-    assert name.startswith("s-") and name == workers.study_name(tmp_path / "s", workers.plan_identity(plan_threads))
-    assert name != workers.study_name(tmp_path / "s", workers.plan_identity(plan_other))
+    plan_threads = GridPlan(tmp_path / "s", [Sweep.of(tmp_path / "s", {"temp": ["0.1", "0.5"]}, [1, 2],
+                                                      ["--epoch", "1", "--threads", "3", "--quiet"])])
+    plan_other = GridPlan(tmp_path / "s", [Sweep.of(tmp_path / "s", {"temp": ["0.1", "0.5"]}, [1, 2], ["--epoch", "2"])])
+    name = study_name(tmp_path / "s", plan.identity())
+    assert name.startswith("s-") and name == study_name(tmp_path / "s", plan_threads.identity())
+    assert name != study_name(tmp_path / "s", plan_other.identity())
 
 
 def test_runs_that_stop_with_a_reason_are_named_and_retried_once_per_command(tiny_dir, tmp_path, monkeypatch,
@@ -331,8 +334,8 @@ def test_keep_last_false_drops_last_pt_when_the_run_finishes(tiny_dir, tmp_path)
     assert (dropped / "best_model.pt").is_file()
     assert sorted(p.name for p in kept.iterdir()) == sorted([p.name for p in dropped.iterdir()] + ["last.pt"])
     # a sweep drops it unless told otherwise
-    assert sweep.run_argv([], {}, 1, tmp_path)[:2] == ["--keep_last", "false"]
-    assert "--keep_last" not in sweep.run_argv(["--keep_last", "true"], {}, 1, tmp_path)[2:]
+    assert run_argv([], {}, 1, tmp_path)[:2] == ["--keep_last", "false"]
+    assert "--keep_last" not in run_argv(["--keep_last", "true"], {}, 1, tmp_path)[2:]
 
 
 def test_on_epoch_sees_every_epoch_and_run_pruned_ends_the_run_cleanly(tiny_dir, tmp_path):

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from Experiments.plan import Cell, Sweep, cell_name, named_grid, run_dir_of
 from Model import DiffMM
 from Models import get_model, model_names
+from Utils import run_folder
 
 METRICS = ("Recall", "NDCG", "Precision")   # of every table, in the order of each published triple
 # paper Table 1: the modalities each dataset had
@@ -45,11 +46,22 @@ def table2_order(models: Sequence[str]) -> List[str]:
     return sorted(models, key=lambda m: (m == REFERENCE, order.get(m, len(order)), m))
 
 
-def modality_note(data: str, folder: Path) -> Tuple[List[str], str]:
-    """(found modalities, one sentence on what the local copy has against the paper's Table 1)."""
+def recorded_modalities(sweep_dir: Path) -> Optional[List[str]]:
+    """The modalities the finished runs under `sweep_dir` read (their summary.json), None when there are none:
+    what Table 2 goes by when the tables are written from committed records without the dataset."""
+    for path in sorted(Path(sweep_dir).rglob(run_folder.SUMMARY)):
+        summary = run_folder.finished_summary(path.parent)
+        if summary and summary.get("data", {}).get("modalities"):
+            return list(summary["data"]["modalities"])
+    return None
+
+
+def modality_note(data: str, folder: Path, recorded: Optional[List[str]] = None) -> Tuple[List[str], str]:
+    """(found modalities, one sentence on what the local copy has against the paper's Table 1); without the
+    folder, the modalities `recorded` by finished runs."""
     from DataHandler import feature_files
 
-    found = list(feature_files(folder)) if folder.is_dir() else []
+    found = list(feature_files(folder)) if folder.is_dir() else list(recorded or [])
     if data not in PAPER_MODALITIES:
         return found, f"{data} has {', '.join(found) or 'no'} item features (not a dataset of the paper)."
     missing = [m for m in PAPER_MODALITIES[data] if m not in found]
@@ -64,13 +76,14 @@ def modality_note(data: str, folder: Path) -> Tuple[List[str], str]:
 # What each table runs
 # ---------------------------------------------------------------------------------------------
 
-def table2_sweeps(data: str, data_dir: Path, models: Sequence[str], epoch: Optional[int], tune: bool,
-                  rest: Sequence[str], seeds: Sequence[int], sweep_dir: Path) -> Dict[str, Union[Sweep, str]]:
+def table2_sweeps(data: str, data_dir: Path, found: Sequence[str], models: Sequence[str], epoch: Optional[int],
+                  tune: bool, rest: Sequence[str], seeds: Sequence[int], sweep_dir: Path
+                  ) -> Dict[str, Union[Sweep, str]]:
     """Per model, its sweep in SWEEP_DIR/<model>: its published command for `data` (`--preset MODEL-DATA`) or its
-    defaults, with its named grid when `tune` (else one cell); or a string saying why the model is skipped."""
+    defaults, with its named grid when `tune` (else one cell); or a string saying why the model is skipped
+    (`found`: the dataset's modalities, `modality_note`)."""
     from Params import presets
 
-    found, _ = modality_note(data, data_dir / data)
     out: Dict[str, Union[Sweep, str]] = {}
     for model in models:
         if get_model(model).needs_features and not found:

@@ -41,6 +41,7 @@ from Experiments.plan import GridPlan, Sweep, seed_list
 from Experiments.runs import FAILURES, Options, failed, run_plan
 from Experiments.study import add_worker_args
 from Models import model_names
+from Utils.formats import DataError, detect_layout
 
 log = logging.getLogger("diffmm")
 
@@ -77,11 +78,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sweep_dir = args.sweep_dir or Path("runs") / f"reproduce-{args.data}-table{args.table}"
 
     folder = args.data_dir / args.data
-    if not (folder / "trnMat.pkl").is_file():
-        log.error(f"error: {folder} holds no trnMat.pkl, so paper Table {args.table} on {args.data} cannot be run "
-                  f"here; pass --data_dir to the folder that holds {args.data}/.")
-        return 2
-    found, note = paper.modality_note(args.data, folder)
+    recorded = paper.recorded_modalities(sweep_dir)
+    try:
+        detect_layout(folder)  # any layout Main.py reads (DiffMM's, MMRec's, MMSSL's; .pkl or .npz)
+    except DataError as e:
+        if recorded is None:
+            log.error(f"error: {e} Paper Table {args.table} on {args.data} cannot be run here; pass --data_dir to the "
+                      f"folder that holds {args.data}/.")
+            return 2
+        log.info(f"note: {folder} holds no dataset, so the tables are written from the finished records in "
+                 f"{sweep_dir} alone (a run that is not finished there cannot be trained)")
+    found, note = paper.modality_note(args.data, folder, recorded)
     log.info(f"note: {note}")
     # Tables 3 and 4 select on validation whatever --select says (it is for --tune)
     options = Options(select=args.select if args.table == 2 else "validation", study=args, argv=argv, rest=rest,
@@ -92,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unknown = [m for m in models if m not in model_names()]
             if unknown:
                 raise UsageError(f"unknown model {', '.join(unknown)}; the known models are {', '.join(model_names())}")
-            sweeps = paper.table2_sweeps(args.data, args.data_dir, models, args.epoch, args.tune, rest, seeds,
+            sweeps = paper.table2_sweeps(args.data, args.data_dir, found, models, args.epoch, args.tune, rest, seeds,
                                          sweep_dir)
             results = run_plan(GridPlan(sweep_dir, [s for s in sweeps.values() if isinstance(s, Sweep)]), options)
             if results is None:  # a worker started by a parent, which writes the tables

@@ -7,7 +7,8 @@
 `run(args) -> summary` is the one entry point: data, device, seeding, the epoch loop, evaluation on
 validation and test after each epoch, early stopping (`EarlyStopping`), the run folder (its files are
 named, written and read by `Utils/run_folder.py`) and timing. It drives a model only through the contract of
-`Models/base.py` and knows nothing of any model's internals.
+`Models/base.py` and knows nothing of any model's internals. Building a run's data and model, restoring a
+checkpoint and evaluating are `inference.py`'s, which `api.py` uses too.
 """
 from __future__ import annotations
 
@@ -24,118 +25,20 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from DataHandler import Data, DataError, load_data
-from Models import get_model, model_names
-from Models.base import RecModel
+from DataHandler import Data, DataError
+from inference import (build_model, checkpoint_args, evaluate_model, load_run_data, require_dataset,
+                       restore_checkpoint)
+from Models import get_model
+from Models.base import PhaseTimer, RecModel
 from Params import parse_args
 from Utils import run_folder
-from Utils.helpers import (PhaseTimer, UsageError, bf16_speedup, cpu_flags, deferred_interrupt,
-                           device_name, duration, exit_on_interrupt, matmul_precision, package_versions, resolve_device,
-                           resolve_threads, rng_state, run_log, seed_everything, set_rng_state, setup_logging)
-from Utils.metrics import dot_scorer, evaluate, group_metrics, per_user_metrics, popularity_scores
-from Utils.memory import check_fits, feature_array_bytes
-from Utils.synthetic import ensure_synthetic
+from Utils.cli import deferred_interrupt, duration, exit_on_interrupt, package_versions, run_log, setup_logging
+from Utils.device import bf16_speedup, cpu_flags, device_name, matmul_precision, resolve_device, resolve_threads
+from Utils.errors import UsageError
+from Utils.metrics import dot_scorer, evaluate, popularity_scores
+from Utils.seeding import rng_state, set_rng_state
 
 log = logging.getLogger("diffmm")
-
-
-def load_run_data(args: argparse.Namespace, needs_features: bool, generate: bool = False) -> Data:
-    """The dataset of the run. `generate`: write the default 'synthetic' one on first use; only a new training
-    run (`run`) asks for it, where --data_dir is the command line's: a reloaded or resumed run takes its data_dir
-    from a checkpoint, and a checkpoint must not decide where files are written."""
-    data_dir = Path(args.data_dir)
-    if generate and args.data == "synthetic":
-        ensure_synthetic(data_dir / "synthetic")  # written whole, or again when a kill left it partial
-    return load_data(args.data, data_dir, args.modalities, needs_features=needs_features, layout=args.format,
-                     check_widths=lambda widths, files, n_users, n_items: check_memory(args, widths, files, n_users,
-                                                                                       n_items))
-
-
-def check_memory(args: argparse.Namespace, widths: Dict[str, int], files: Dict[str, Path], n_users: int,
-                 n_items: int) -> None:
-    """Refuse a run whose parameters and optimiser cannot fit the device's free memory (`Utils/memory.py`), from
-    the data's shapes, before the feature arrays are read."""
-    parts = get_model(args.model).parameter_sizes(args, n_users, n_items, widths)
-    check_fits(parts, feature_array_bytes(n_items, widths), resolve_device(args.device, args.gpu), files, args.model)
-
-
-def checkpoint_args(state: dict, path: Path) -> argparse.Namespace:
-    """A checkpoint's configuration as the run's arguments; one sentence when it names no registered model."""
-    args = argparse.Namespace(**state["config"])
-    if args.model not in model_names():
-        raise UsageError(f"{path} names the unknown model {args.model!r} (the known models are "
-                         f"{', '.join(model_names())}); use the file the run wrote, or train the run again.")
-    return args
-
-
-def require_dataset(args: argparse.Namespace, then: str) -> None:
-    """UsageError, one sentence, when the run's dataset folder is not in its data_dir; `then` says what to do."""
-    folder = Path(args.data_dir) / args.data
-    if not folder.is_dir():
-        raise UsageError(f"the run's dataset {args.data} is not in {args.data_dir} (there is no folder {folder}); "
-                         f"{then}.")
-
-
-@torch.no_grad()
-def evaluate_model(model: RecModel, data: Data, args: argparse.Namespace) -> Dict[str, dict]:
-    """All-rank metrics on validation and test from one scorer (the model's evaluation forward).
-
-    Per-user metrics are computed once per split and averaged overall ('val', 'test') and, for test,
-    per user group by number of train interactions ('groups', paper Figure 2, edges --groups); the test
-    values per user are kept as 'test_per_user' (the evaluated users and one array per metric), which the
-    epoch loop saves for the protocols' epochs (`run_folder.write_per_user`) and never writes to metrics.jsonl.
-    """
-    model.eval()
-    score = model.scorer()
-    out: Dict[str, dict] = {}
-    for split, heldout in (("val", data.val), ("test", data.test)):
-        users, values = per_user_metrics(score, data.train, heldout, args.topks, args.tstBat, model.device,
-                                         getattr(args, "eval_users", "all"))   # runs older than --eval_users: all
-        out[split] = {name: float(v.mean()) for name, v in values.items()}
-        if split == "test":
-            counts = np.diff(data.train.indptr)
-            out["groups"] = group_metrics(counts[users], values, args.groups)
-            out["test_per_user"] = {"users": users, **values}
-    return out
-
-
-def build_model(args: argparse.Namespace, data: Data, device: torch.device) -> RecModel:
-    """Seed every generator with --seed, then build --model (the order of a run, so runs repeat)."""
-    seed_everything(args.seed)
-    return get_model(args.model)(args, data, device)
-
-
-def load_trained(run_dir: Path, data_dir: Optional[str] = None, device: str = "auto",
-                 state: Optional[dict] = None) -> tuple:
-    """(args, data, model) of a finished run: best_model.pt's configuration and state, ready to score.
-
-    `data_dir` points to the dataset's folder when it has moved since the run; the model is in eval mode.
-    `state`: best_model.pt when the caller has read it already (`api.load`).
-    Nothing is written: the dataset is read from `data_dir` (else the run's own), never generated there.
-    """
-    state = state if state is not None else run_folder.load_best(run_dir)
-    args = checkpoint_args(state, Path(run_dir) / run_folder.BEST)
-    if data_dir is not None:
-        args.data_dir = data_dir
-    require_dataset(args, "pass the folder that holds it: data_dir=... to api.load, --data_dir to evaluate.py and "
-                          "recommend.py")
-    data = load_run_data(args, get_model(args.model).needs_features)
-    model = build_model(args, data, resolve_device(device, args.gpu))
-    restore_checkpoint(model, state, Path(run_dir) / run_folder.BEST, model.load_checkpoint_state)
-    model.eval()
-    return args, data, model
-
-
-def restore_checkpoint(model: RecModel, state: dict, path: Path, load: Callable[[dict], None]) -> None:
-    """`load(state)` (the model's load_checkpoint_state or load_training_state); a checkpoint whose model part
-    does not fit the model its configuration builds (a key missing, a tensor of another shape) is one sentence."""
-    try:
-        load(state)
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise run_folder.RunFolderError(f"{path} does not hold the {model.name} model its configuration describes "
-                                        f"({type(e).__name__}: {reason[:200]}); use the file the run wrote, or train "
-                                        f"the run again.") from None
 
 
 def fmt(metrics: Dict[str, float], k: int) -> str:
@@ -215,7 +118,8 @@ def run(args: argparse.Namespace, on_epoch: Optional[Callable[[dict], None]] = N
     Logging: adds the run's log.txt to the 'diffmm' logger for the run's duration and removes it
     afterwards; the caller's console set-up is left as it is.
     """
-    allow_shared_dir = getattr(args, "allow_shared_dir", False)  # arguments built before the flag: False
+    vars(args).update(run_folder.upgrade_config(vars(args)))  # arguments built before a flag existed: its old value
+    allow_shared_dir = args.allow_shared_dir
     if args.resume:
         return resume(Path(args.resume), quiet=args.quiet, epoch=args.epoch, threads=args.threads, on_epoch=on_epoch,
                       allow_shared_dir=allow_shared_dir)
@@ -226,7 +130,7 @@ def run(args: argparse.Namespace, on_epoch: Optional[Callable[[dict], None]] = N
     problem = model_class.check(args, data)
     if problem:
         raise UsageError(problem)
-    if getattr(args, "tensorboard", False):
+    if args.tensorboard:
         run_folder.require_tensorboard()
     with matmul_precision(args.precision, device):  # checked (tf32 on a CPU) before the run folder is made
         run_dir = run_folder.make_run_dir(args.out_dir, args.data, args.model, allow_shared_dir)
@@ -249,7 +153,7 @@ def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, thre
     run_folder.refuse_shared(run_dir, allow_shared_dir, "resume the run")
     state = run_folder.load_last(run_dir)
     args = checkpoint_args(state, run_dir / run_folder.LAST)
-    args.quiet, args.resume = quiet or getattr(args, "quiet", False), None
+    args.quiet, args.resume = quiet or args.quiet, None
     args.out_dir, args.allow_shared_dir = str(run_dir), allow_shared_dir
     if epoch is not None and epoch != args.epoch:
         log.info(f"{run_dir}: the run now ends after at most {epoch} epochs (it was {args.epoch})")
@@ -257,10 +161,11 @@ def resume(run_dir: Path, quiet: bool = False, epoch: Optional[int] = None, thre
     if state["harness"]["finished"]:
         raise UsageError(f"the run in {run_dir} has already finished ({len(state['harness']['history'])} epochs); "
                          f"its results are in {run_dir / run_folder.SUMMARY}.")
-    if getattr(args, "tensorboard", False):
+    if args.tensorboard:
         run_folder.require_tensorboard()
     device = resolve_device(args.device, args.gpu)
-    args.threads = threads if threads is not None else getattr(args, "threads", "auto")  # runs older than --threads
+    if threads is not None:  # this machine's share; else the threads the run started with
+        args.threads = threads
     resolve_threads(args.threads, device)
     require_dataset(args, f"put it back there to resume the run (a resumed run reads the data folder its "
                           f"{run_folder.LAST} names, and never writes one)")
@@ -279,7 +184,7 @@ def train_and_report(args: argparse.Namespace, data: Data, device: torch.device,
         run_folder.write_config(run_dir, vars(args))
     try:
         model, popularity, history, tracker = start_training(args, data, device, resume_state)
-        writer = run_folder.EpochWriter(run_dir, getattr(args, "tensorboard", False), history)
+        writer = run_folder.EpochWriter(run_dir, args.tensorboard, history)
     except KeyboardInterrupt:  # before this process's first epoch: nothing new to write
         raise RunInterrupted(f"interrupted (Ctrl-C) before training. {next_step(run_dir)}") from None
     try:
@@ -308,7 +213,7 @@ def start_training(args: argparse.Namespace, data: Data, device: torch.device, r
 
     model = build_model(args, data, device)
     popularity = {split: evaluate(dot_scorer(*popularity_scores(data.train, device)), data.train, heldout,
-                                  args.topks, args.tstBat, device, getattr(args, "eval_users", "all"))
+                                  args.topks, args.tstBat, device, args.eval_users)
                   for split, heldout in (("val", data.val), ("test", data.test))}
     log.info(f"popularity baseline, test: {fmt(popularity['test'], args.topk)}")
     if resume_state is None:
@@ -406,9 +311,9 @@ def finish(model: RecModel, data: Data, args: argparse.Namespace, device: torch.
         if stopped["exit_code"] == RunInterrupted.exit_code:
             raise RunInterrupted(f"{message} {next_step(run_dir)}")
         raise TrainingStopped(message, stopped["exit_code"])
-    if not getattr(args, "keep_last", True):  # finished (its epochs, early-stopped or pruned): best_model.pt stays
+    if not args.keep_last:  # finished (its epochs, early-stopped or pruned): best_model.pt stays
         run_folder.drop_last(run_dir)
-    if summary["protocols"]["validation"] is not None:  # a run pruned before its first evaluation has none
+    if run_folder.protocol_result(summary, "validation") is not None:  # none: pruned before its first evaluation
         report(summary, run_dir)
     if stopped is not None:  # Ctrl-C as the last epoch's files were written: finished, and the caller stops too
         raise RunInterrupted(f"{stopped['reason']}, its last: the run has finished and {run_dir / run_folder.SUMMARY} "
@@ -494,7 +399,7 @@ def make_summary(args: argparse.Namespace, data: Data, device: torch.device, his
 
 def report(summary: dict, run_dir: Path) -> None:
     k = summary["config"]["topk"]
-    paper, val = summary["protocols"]["paper"], summary["protocols"]["validation"]
+    paper, val = run_folder.protocol_result(summary, "paper"), run_folder.protocol_result(summary, "validation")
     pop = summary["baselines"]["popularity"]["test"]
     log.info(f"paper protocol      (best test epoch {paper['epoch']}): test {fmt(paper['test'], k)}")
     log.info(f"validation protocol (best val epoch {val['epoch']}): test {fmt(val['test'], k)}")

@@ -19,17 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import Data, DeviceRows, device_batches, sample_negatives, train_pairs, user_batches
-from Models.base import RecModel
+from DataHandler import Data
+from Models.base import PhaseTimer, RecModel, changed_flags, flag_list
 from Models.diffusion import (Denoiser, GaussianDiffusion, add_diffusion_args, check_diffusion_flags, reverse_scorer,
                               use_hidden_reverse)
+from Utils.batches import DeviceRows, device_batches, sample_negatives, train_pairs, user_batches
 from Utils.flags import unit_float
 from Utils.graphs import drop_edges, normalized_graph
-from Utils.helpers import PhaseTimer
 from Utils.layers import Graph, bpr_loss, info_nce, propagate
 from Utils.memory import linear_entries
 
 Views = List[Tuple[torch.Tensor, torch.Tensor]]
+
+# the flags of the diffusion and its denoiser (`add_diffusion_args`) and the MSI weight: --ablation no_dm reads none
+NO_DM_UNUSED = ("dims", "d_emb_size", "norm", "steps", "noise_scale", "noise_min", "noise_max", "sampling_noise",
+                "sampling_steps", "reverse", "e_loss")
+# what each ablation that leaves flags unread skips, for the warning that names them
+ABLATION_SKIPS = {"no_dm": "generates the modality graphs with a VGAE instead of the diffusion model",
+                  "no_msi": "drops the MSI term that --e_loss weighs"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,14 +449,18 @@ class DiffMM(RecModel):
         g = parser.add_argument_group("diffmm: diffusion")
         add_diffusion_args(g)   # --dims, --d_emb_size, --norm, --steps, --noise_*, --sampling_*, --reverse
         g.add_argument("--rebuild_k", default=1, type=int, help="k: items kept per user in a generated graph")
-        g.add_argument("--e_loss", default=0.1, type=float, help="λ0: weight of the MSI loss (Eq. 14)")
+        g.add_argument("--e_loss", default=0.1, type=float,
+                       help="λ0: weight of the MSI loss (Eq. 14; given with --ablation no_msi or no_dm, a warning says "
+                            "it does nothing)")
 
         g = parser.add_argument_group("diffmm: experiments", "the paper's ablations and fusion ratio "
                                                              "(docs/experiments.md)")
         g.add_argument("--ablation", default="none", choices=["none", "no_cl", "no_msi", "no_dm"],
                        help="paper Table 3: no_cl = no contrastive term (views not computed); no_msi = the MSI term "
                             "of the diffusion loss dropped (as e_loss 0); no_dm = a VGAE per modality (Kipf & "
-                            "Welling 2016) generates the modality graphs instead of the diffusion model")
+                            "Welling 2016) generates the modality graphs instead of the diffusion model. The "
+                            "diffusion's flags given with no_dm, or --e_loss with no_msi, do nothing: a warning "
+                            "names them (a value other than the default's or --preset's counts as given)")
         g.add_argument("--fusion_ratio", default=0.0, type=unit_float,
                        help="paper Figure 4: graphs of the contrastive views only (not the main view). Per epoch, "
                             "modality and user, with probability r the user's view edges are its train edges, each "
@@ -458,7 +469,7 @@ class DiffMM(RecModel):
                             "0 = the generated graph itself (diffusion only), 1 = randomly dropped train graph only")
         g.add_argument("--fusion_keep", default=0.5, type=unit_float,
                        help="paper Figure 4: keep probability of each train edge in the random augmentation used by "
-                            "--fusion_ratio > 0")
+                            "--fusion_ratio > 0 (given with --fusion_ratio 0, a warning says it does nothing)")
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
@@ -479,9 +490,32 @@ class DiffMM(RecModel):
         return None
 
     @classmethod
+    def unused_with_ablation(cls, args: argparse.Namespace) -> Tuple[str, ...]:
+        """The flags that --ablation makes do nothing: with no_dm every flag of the diffusion and its denoiser (a
+        VGAE generates the modality graphs), with no_msi --e_loss (the MSI term is dropped)."""
+        return {"no_dm": NO_DM_UNUSED, "no_msi": ("e_loss",)}.get(args.ablation, ())
+
+    @classmethod
+    def flag_warnings(cls, args: argparse.Namespace) -> List[str]:
+        """Flags given that do nothing, one sentence each (warned, not refused: the ablation's or the default's
+        run is what was asked; `changed_flags` says what "given" means): those of `unused_with_ablation`, and
+        --fusion_keep with --fusion_ratio 0."""
+        warnings = []
+        unused = changed_flags(args, cls.unused_with_ablation(args))
+        if unused:
+            does = "does" if len(unused) == 1 else "do"
+            warnings.append(f"{flag_list(unused)} {does} nothing with --ablation {args.ablation}, which "
+                            f"{ABLATION_SKIPS[args.ablation]} (leave {'it' if len(unused) == 1 else 'them'} out, or "
+                            f"run another --ablation).")
+        if args.fusion_ratio == 0 and changed_flags(args, ["fusion_keep"]):
+            warnings.append(f"--fusion_keep {args.fusion_keep} does nothing with --fusion_ratio 0: it is the keep "
+                            f"probability of the train edges that --fusion_ratio > 0 mixes into the views.")
+        return warnings
+
+    @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
         """`check_flags`, then what depends on `data`, as one sentence."""
-        problem = cls.check_flags(args)
+        problem = super().check(args, data)
         if problem:
             return problem
         if args.rebuild_k > data.n_items:

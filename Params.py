@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from Utils import run_folder
 from Utils.flags import float_list, group_edges, int_list, name_list, str2bool, unit_float  # noqa: F401 (re-exported)
-from Utils.helpers import ArgumentParser, UsageError, parse_threads
+from Utils.cli import ArgumentParser, flag_value, given_flags, has_flag
+from Utils.device import parse_threads
+from Utils.errors import UsageError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,23 +32,16 @@ def presets() -> Dict[str, Tuple[str, str, List[str]]]:
             for name in model_names() for data, flags in get_model(name).presets.items()}
 
 
-def preset_of(argv: Sequence[str]) -> Optional[str]:
-    """The value of --preset in a command line, without parsing the rest."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset", default=None)
-    return pre.parse_known_args(list(argv))[0].preset
-
-
 def expand_preset(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
     """`argv` with its preset's flags put in front (so explicit flags, parsed later, win), or a problem sentence."""
-    name = preset_of(argv)
+    name = flag_value(argv, "--preset")
     if name is None:
         return list(argv), None
     known = presets()
     if name not in known:
         return list(argv), f"unknown preset {name!r}; the presets are {', '.join(known)}"
     model, data, flags = known[name]
-    given = model_of(argv) if "--model" in argv or any(a.startswith("--model=") for a in argv) else model
+    given = flag_value(argv, "--model") if has_flag(argv, "--model") else model
     if given != model:
         return list(argv), f"--preset {name} is {model}'s published command, but --model {given} was given"
     return ["--model", model, "--data", data, *flags, *argv], None
@@ -142,15 +137,23 @@ def build_parser(model: str = "diffmm") -> argparse.ArgumentParser:
     return p
 
 
+def baseline_args(model: str, preset: Optional[str] = None) -> argparse.Namespace:
+    """The values `model`'s parser gives when no flag is given but `--preset` `preset` (a preset of another
+    model, or an unknown one, is left out): what `Models.base.changed_flags` compares a run's values to."""
+    known = presets()
+    flags = known[preset][2] if preset in known and known[preset][0] == model else []
+    return build_parser(model).parse_args(["--model", model, *flags])
+
+
 def impossible_value(args: argparse.Namespace) -> Optional[str]:
-    """The first harness flag (or flag several models share) whose value cannot give a meaningful run, as one
-    sentence, or None. A model's own flags are checked by its `check` (DiffMM's: `Model.DiffMM.check`)."""
-    for name in ("epoch", "batch", "tstBat", "tstEpoch", "topk", "embedding_size"):
-        if hasattr(args, name) and getattr(args, name) < 1:
+    """The first harness flag whose value cannot give a meaningful run, as one sentence, or None. A model's own
+    flags, shared ones included (`--embedding_size`, `--n_layers`), are checked by its `check_flags`
+    (`Models.base.check_pairwise_flags` for the flags of `add_pairwise_args`)."""
+    for name in ("epoch", "batch", "tstBat", "tstEpoch", "topk"):
+        if getattr(args, name) < 1:
             return f"--{name} must be at least 1, got {getattr(args, name)}"
-    for name in ("patience", "n_layers"):
-        if hasattr(args, name) and getattr(args, name) < 0:
-            return f"--{name} must be 0 or more, got {getattr(args, name)}"
+    if args.patience < 0:
+        return f"--patience must be 0 or more, got {args.patience}"
     if args.lr < 0.0:
         return f"--lr must not be negative, got {args.lr}"
     return None
@@ -164,13 +167,6 @@ RESUME_FLAGS = ("--resume", "--epoch", "--threads", "--quiet", "--allow_shared_d
 IGNORED_IN_CONFIG = ("data_dir", "out_dir", "allow_shared_dir")
 # keys that are refused: a configuration cannot name another configuration or a run to continue
 REFUSED_IN_CONFIG = ("config", "resume")
-
-
-def flag_of(argv: Sequence[str], name: str) -> Optional[str]:
-    """The value of flag `name` ('--config') in a command line, without parsing the rest."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument(name, default=None)
-    return getattr(pre.parse_known_args(list(argv))[0], name.lstrip("-"))
 
 
 def read_config_file(spec: str) -> Tuple[dict, Path]:
@@ -219,7 +215,7 @@ def ignored_config_warning(name: str, value: object, path: Path, given: Sequence
             asked = True  # not a boolean: still ignored, and said so
         return (f"warning: {path} sets allow_shared_dir, which is ignored: only the command line can allow a run "
                 f"folder that other users can write (--allow_shared_dir)") if asked else None
-    used, default = flag_of(given, f"--{name}"), build_parser().get_default(name)
+    used, default = flag_value(given, f"--{name}"), build_parser().get_default(name)
     if value is None or str(value) == str(used if used is not None else default):
         return None
     uses = f"--{name} {used}" if used is not None else \
@@ -258,14 +254,13 @@ def config_argv(config: dict, path: Path, model: str, given: Sequence[str] = ())
 
 def with_config(argv: List[str]) -> List[str]:
     """`argv` with the flags of its `--config` put in front (so flags given beside it, parsed later, win)."""
-    spec = flag_of(argv, "--config")
+    spec = flag_value(argv, "--config")
     if spec is None:
         return argv
     config, path = read_config_file(spec)
     from Models import model_names
 
-    model = model_of(argv) if "--model" in argv or any(a.startswith("--model=") for a in argv) \
-        else str(config.get("model") or "diffmm")
+    model = flag_value(argv, "--model") if has_flag(argv, "--model") else str(config.get("model") or "diffmm")
     if model not in model_names():
         raise UsageError(f"{path} names the unknown model {model!r}; the known models are {', '.join(model_names())}")
     return config_argv(config, path, model, argv) + argv
@@ -273,23 +268,15 @@ def with_config(argv: List[str]) -> List[str]:
 
 def refused_with_resume(argv: Sequence[str]) -> Optional[str]:
     """One sentence when a command line gives --resume with a flag a resumed run cannot change, else None."""
-    if flag_of(argv, "--resume") is None:
+    if flag_value(argv, "--resume") is None:
         return None
-    given = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
-    refused = list(dict.fromkeys(f for f in given if f not in RESUME_FLAGS))
+    refused = list(dict.fromkeys(f for f in given_flags(argv) if f not in RESUME_FLAGS))
     if not refused:
         return None
-    run = flag_of(argv, "--resume")
+    run = flag_value(argv, "--resume")
     return (f"--resume continues the run in {run} with the configuration it started with, so it cannot take "
             f"{', '.join(refused)} (it takes only {', '.join(RESUME_FLAGS[1:])}); to change that, start a new run "
             f"from its configuration: python Main.py --config {run} {refused[0]} ...")
-
-
-def model_of(argv: Sequence[str]) -> str:
-    """The value of --model in a command line (default diffmm), without parsing the rest."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--model", default="diffmm")
-    return pre.parse_known_args(list(argv))[0].model
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -310,7 +297,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv, problem = expand_preset(argv)
     if problem:
         build_parser().error(problem)
-    model = model_of(argv)
+    model = flag_value(argv, "--model", "diffmm")
     if model not in model_names():
         build_parser().error(f"unknown model {model!r}; the known models are {', '.join(model_names())}")
     parser = build_parser(model)
@@ -318,7 +305,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     problem = impossible_value(args) or get_model(model).check_flags(args)
     if problem:
         parser.error(problem)
+    if not args.resume:  # a resumed run's flags are its own, warned about when it started
+        for sentence in get_model(model).flag_warnings(args):
+            logging.getLogger("diffmm").warning(f"warning: {sentence}")
     args.topks = sorted(set([args.topk] + (args.topks or [])))
-    if args.resume and not any(a == "--epoch" or a.startswith("--epoch=") for a in argv):
+    if args.resume and not has_flag(argv, "--epoch"):
         args.epoch = None  # resume keeps the run's own number of epochs
     return args

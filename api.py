@@ -25,12 +25,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-import Main
-from DataHandler import Data, dense_rows
+from DataHandler import Data
+from inference import evaluate_model, load_trained
 from Models.base import RecModel
 from Utils import run_folder
+from Utils.batches import dense_rows
+from Utils.errors import UsageError
 from Utils.formats import read_id_lines
-from Utils.helpers import UsageError
 
 USER_IDS = "user_ids.txt"   # the id maps of a dataset folder (prepare.py raw)
 ITEM_IDS = "item_ids.txt"
@@ -221,7 +222,7 @@ class Run:
         if not cutoffs or min(cutoffs) < 1:
             raise UsageError(f"the cut-offs must be positive integers, got {cutoffs}.")
         args = argparse.Namespace(**dict(vars(self.args), topks=cutoffs))
-        metrics = Main.evaluate_model(self.model, self.data, args)
+        metrics = evaluate_model(self.model, self.data, args)
         return {key: metrics[key] for key in ("val", "test", "groups") if key in metrics}
 
     def summary(self) -> Optional[dict]:
@@ -242,5 +243,5 @@ def load(run_dir: Union[str, Path], device: str = "auto", data_dir: Optional[Uni
     """
     run_dir = Path(run_dir)
     state = run_folder.load_best(run_dir)
-    args, data, model = Main.load_trained(run_dir, None if data_dir is None else str(data_dir), device, state)
+    args, data, model = load_trained(run_dir, None if data_dir is None else str(data_dir), device, state)
     return Run(run_dir, args, data, model, int(state["epoch"]))

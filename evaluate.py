@@ -24,7 +24,8 @@ import api
 from DataHandler import DataError
 from Params import int_list
 from Utils import run_folder
-from Utils.helpers import ArgumentParser, UsageError, setup_logging
+from Utils.cli import ArgumentParser, setup_logging
+from Utils.errors import UsageError
 
 log = logging.getLogger("diffmm")
 
@@ -40,7 +41,7 @@ def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, device: str = "a
     recomputed = {"val": metrics["val"], "test": metrics["test"]}
     recorded: dict = {}
     if (Path(run_dir) / run_folder.SUMMARY).is_file():
-        validation = run_folder.read_summary(run_dir)["protocols"]["validation"] or {}
+        validation = run_folder.protocol_result(run_folder.read_summary(run_dir), "validation") or {}
         recorded = {"val": validation.get("val"), "test": validation.get("test")}
     common = [(split, key) for split in ("val", "test") for key in (recorded.get(split) or {})
               if key in recomputed[split]]
@@ -73,5 +74,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from Utils.helpers import exit_on_interrupt
+    from Utils.cli import exit_on_interrupt
     sys.exit(exit_on_interrupt(main))

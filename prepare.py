@@ -48,7 +48,9 @@ from DataHandler import feature_files, load_features
 from Utils.formats import (ITEM_IDS, LAYOUTS, USER_IDS, DataError, detect_layout, read_id_lines, read_splits,
                            splits_from_triples, write_dataset, write_id_map)
 from Utils import encoders
-from Utils.helpers import UsageError, parse_threads, setup_logging
+from Utils.cli import setup_logging
+from Utils.device import parse_threads
+from Utils.errors import UsageError
 
 log = logging.getLogger("diffmm")
 
@@ -360,13 +362,16 @@ def add_features_parser(commands: argparse._SubParsersAction) -> None:
                    help="sentence-transformers model name or local folder (the released Baby/Sports text: "
                         "stsb-roberta-large, 1024-d)")
     f.add_argument("--image_model", default=encoders.DEFAULT_IMAGE_MODEL,
-                   help="torchvision architecture (alexnet: fc7, 4096-d, as the Amazon image features; resnet50: "
-                        "2048-d), or hf:<id> / a local folder for a Hugging Face transformers model")
+                   help="hf:<id> or a local folder: a Hugging Face transformers model, its pooled output (the "
+                        "default: an ImageNet ResNet-50, 2048-d; needs only requirements-encoders.txt); or a "
+                        "torchvision architecture, its penultimate layer (alexnet: fc7, 4096-d, as the Amazon image "
+                        "features; resnet50: 2048-d; needs torchvision built for your torch, docs/features.md)")
     f.add_argument("--image_weights", default="default",
-                   help="torchvision weights: default, a name (IMAGENET1K_V1), a state_dict file, or none (random, "
-                        "for tests)")
+                   help="torchvision models only: default, a name (IMAGENET1K_V1), a state_dict file, or none "
+                        "(random, for tests)")
     f.add_argument("--image_size", default=None, type=int,
-                   help="crop size of the images (default: the weights' own preprocessing, 224)")
+                   help="torchvision models only: crop size of the images (default: the weights' own "
+                        "preprocessing, 224); a transformers model uses its image processor's")
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the encoders run")
     f.add_argument("--batch_size", default=64, type=int, help="items per forward pass")
     f.add_argument("--chunk_size", default=2048, type=int, help="items per saved chunk (the unit of resuming)")

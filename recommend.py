@@ -28,7 +28,8 @@ import api
 from DataHandler import DataError
 from Utils.files import atomic_write
 from Utils.formats import read_id_lines
-from Utils.helpers import ArgumentParser, UsageError, setup_logging
+from Utils.cli import ArgumentParser, setup_logging
+from Utils.errors import UsageError
 
 log = logging.getLogger("diffmm")
 
@@ -117,5 +118,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from Utils.helpers import exit_on_interrupt
+    from Utils.cli import exit_on_interrupt
     sys.exit(exit_on_interrupt(main))

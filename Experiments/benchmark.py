@@ -34,7 +34,10 @@ import torch
 import Main
 from DataHandler import DataError
 from Params import name_list, parse_args
-from Utils.helpers import UsageError, resolve_device, setup_logging
+from Utils import run_folder
+from Utils.cli import setup_logging
+from Utils.device import resolve_device
+from Utils.errors import UsageError
 
 log = logging.getLogger("diffmm")
 
@@ -53,24 +56,25 @@ def benchmark(argv: List[str], epochs: int, json_path: Optional[Path]) -> dict:
         if cuda:  # peak memory of this run alone, on the device it runs on
             torch.cuda.reset_peak_memory_stats(resolve_device(args.device, args.gpu))
         summary = Main.run(args)
-    per_epoch = summary["timing"]["per_epoch"]
+    per_epoch = run_folder.epoch_seconds(summary)
+    machine = run_folder.run_machine(summary)
     measured = per_epoch[1:] if len(per_epoch) > 1 else per_epoch
     phases = list(dict.fromkeys(p for e in per_epoch for p in e))
     result = {
         "command": " ".join(["python -m Experiments.benchmark", "--epochs", str(epochs)] + argv),
-        "model": summary["model"],
-        "data": summary["data"],
+        "model": run_folder.run_config(summary)["model"],
+        "data": run_folder.run_data(summary),
         "precision": args.precision,
-        "device": summary["device"],
+        "device": machine["device"],
         "epochs": len(per_epoch),
         "median_seconds": {p: float(np.median([e.get(p, 0.0) for e in measured])) for p in phases},
         "first_epoch_seconds": per_epoch[0],
         "peak_rss_gib": round(peak_rss_gib(), 3),
-        "threads": summary["threads"],
+        "threads": machine["threads"],
         "peak_cuda_gib": (round(torch.cuda.max_memory_allocated(resolve_device(args.device, args.gpu)) / 2**30, 3)
                           if cuda else None),
-        "test_paper_protocol": summary["protocols"]["paper"]["test"],
-        "versions": summary["versions"],
+        "test_paper_protocol": run_folder.protocol_metrics(summary, "paper"),
+        "versions": machine["versions"],
     }
     print(json.dumps(result, indent=2))
     if json_path:
@@ -170,5 +174,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from Utils.helpers import exit_on_interrupt
+    from Utils.cli import exit_on_interrupt
     sys.exit(exit_on_interrupt(main))

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 from Models import get_model, model_names
 from Params import build_parser, presets
-from Utils.helpers import exit_on_interrupt
+from Utils.cli import exit_on_interrupt
 
 log = logging.getLogger("diffmm")
 ROOT = Path(__file__).resolve().parents[1]

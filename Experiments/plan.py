@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from Utils.helpers import UsageError
+from Utils.cli import flag_value, has_flag, without_flags
+from Utils.errors import UsageError
 
 if TYPE_CHECKING:  # optuna is imported where it is used, so that a sequential sweep does not need it
     import optuna
@@ -67,10 +68,10 @@ def parse_grid(tokens: Sequence[str], base_argv: Sequence[str] = ()) -> Grid:
 
     Flags are checked against the parser of the model named in `base_argv` (default diffmm).
     """
-    from Params import build_parser, model_of
+    from Params import build_parser
 
-    known = {opt.lstrip("-") for action in build_parser(model_of(base_argv))._actions
-             for opt in action.option_strings}
+    model = flag_value(base_argv, "--model", "diffmm")
+    known = {opt.lstrip("-") for action in build_parser(model)._actions for opt in action.option_strings}
     grid: Grid = {}
     for token in " ".join(tokens).split():
         name, sep, values = token.partition("=")
@@ -79,7 +80,7 @@ def parse_grid(tokens: Sequence[str], base_argv: Sequence[str] = ()) -> Grid:
             raise ValueError(f"grid entry {token!r} is not flag=value1,value2,... (or a model name: "
                              f"{', '.join(grid_names())})")
         if name not in known:
-            raise ValueError(f"grid flag {name!r} is not a flag of model {model_of(base_argv)}")
+            raise ValueError(f"grid flag {name!r} is not a flag of model {model}")
         if name in FORBIDDEN:
             raise ValueError(f"grid flag {name!r} is set by the sweep itself (use --seeds / --sweep_dir)")
         if name in grid:
@@ -131,14 +132,16 @@ def run_dir_of(sweep_dir: Path, cell: Cell, seed: int) -> Path:
     return Path(sweep_dir) / cell_name(cell) / f"seed{seed}"
 
 
-def flag_given(argv: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+def job_key(sweep_dir: Path, run_dir: Path) -> str:
+    """A run's name in its plan and in the plan's study: its folder's path under the plan's folder
+    ('temp=0.1/seed421', 'lightgcn/base/seed421')."""
+    return Path(run_dir).relative_to(sweep_dir).as_posix()
 
 
 def with_keep_last(argv: Sequence[str]) -> List[str]:
     """`argv` with `--keep_last false` unless it sets --keep_last: a sweep's finished runs drop their last.pt
     (the largest file of a DiffMM run folder; docs/many-runs.md), keeping best_model.pt."""
-    return list(argv) + ([] if flag_given(argv, "--keep_last") else ["--keep_last", "false"])
+    return list(argv) + ([] if has_flag(argv, "--keep_last") else ["--keep_last", "false"])
 
 
 def run_argv(base_argv: Sequence[str], cell: Cell, seed: int, sweep_dir: Path) -> List[str]:
@@ -148,19 +151,9 @@ def run_argv(base_argv: Sequence[str], cell: Cell, seed: int, sweep_dir: Path) -
 
 
 def identity_argv(argv: Sequence[str]) -> List[str]:
-    """`argv` without how its run is executed (IDENTITY_SKIP): what it computes."""
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in IDENTITY_SKIP:
-            # --quiet may stand alone; the others take a value
-            skip = "=" not in a and not (name == "--quiet" and (i + 1 == len(argv) or argv[i + 1].startswith("--")))
-            continue
-        out.append(a)
-    return out
+    """`argv` without how its run is executed (IDENTITY_SKIP): what it computes (--quiet may stand alone; the others
+    take a value)."""
+    return without_flags(argv, IDENTITY_SKIP, standalone=("--quiet",))
 
 
 @dataclass(frozen=True)
@@ -233,7 +226,7 @@ class GridPlan:
             for cell in cells(s.grid):
                 for seed in s.seeds:
                     run_dir = run_dir_of(s.folder, cell, seed)
-                    key = run_dir.relative_to(self.sweep_dir).as_posix()
+                    key = job_key(self.sweep_dir, run_dir)
                     params = {**cell, "seed": int(seed)} if single else {"run": key}
                     jobs.append(Job(key, run_dir, tuple(run_argv(s.base, cell, seed, s.folder)),
                                     tuple(sorted(params.items()))))
@@ -327,9 +320,9 @@ class SearchPlan:
 
     def jobs_of(self, cell: Cell) -> List[Job]:
         """The runs of a cell, one per seed."""
-        return [Job(run_dir_of(self.sweep_dir, cell, seed).relative_to(self.sweep_dir).as_posix(),
-                    run_dir_of(self.sweep_dir, cell, seed), tuple(run_argv(self.base, cell, seed, self.sweep_dir)))
-                for seed in self.seeds]
+        run_dirs = [run_dir_of(self.sweep_dir, cell, seed) for seed in self.seeds]
+        return [Job(job_key(self.sweep_dir, run_dir), run_dir, tuple(run_argv(self.base, cell, seed, self.sweep_dir)))
+                for seed, run_dir in zip(self.seeds, run_dirs)]
 
     def check(self) -> None:
         """Each value and each bound through Main.py's parser, before anything is written."""

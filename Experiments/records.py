@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from Utils import run_folder
-from Utils.helpers import setup_logging
+from Utils.cli import setup_logging
 
 log = logging.getLogger("diffmm")
 

@@ -4,6 +4,7 @@
     python -m Experiments.reproduce --table 2 --data mydata --seeds 421,422 --tune      # any dataset, grids
     python -m Experiments.reproduce --table 3 --data tiktok --epoch 10                 # DiffMM's ablations
     python -m Experiments.reproduce --table 4 --data tiktok --seeds 421,422            # DiffMM's τ x λ1 grid
+    python -m Experiments.reproduce --table 2 --merge runs/t2-tiktok,runs/t2-baby,runs/t2-sports   # one .tex
 
 Table 2 runs every registered model (or `--models`) on the dataset, each with its published command
 for that dataset where its authors give one (`--preset MODEL-DATA`, the class's `presets`), else its defaults; with
@@ -41,6 +42,7 @@ from Experiments.plan import GridPlan, Sweep, seed_list
 from Experiments.runs import FAILURES, Options, failed, run_plan
 from Experiments.study import add_worker_args
 from Models import model_names
+from Utils.cli import has_flag
 from Utils.formats import DataError, detect_layout
 
 log = logging.getLogger("diffmm")
@@ -52,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("--table", type=int, required=True, choices=[2, 3, 4],
                    help="2: every model; 3: DiffMM's ablations none/no_cl/no_msi/no_dm; 4: DiffMM's τ x λ1 grid")
-    p.add_argument("--data", required=True, help="dataset folder under --data_dir (Tables 3-4: tiktok, baby, sports)")
+    p.add_argument("--data", help="dataset folder under --data_dir (Tables 3-4: tiktok, baby, sports)")
     p.add_argument("--data_dir", default="Datasets", type=Path, help="folder holding <data>/")
     p.add_argument("--models", default=None, help=f"Table 2: comma-separated models (default all: "
                                                   f"{','.join(model_names())})")
@@ -62,18 +64,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true", help="Table 2: run each model's hyper-parameter grid and "
                                                        "report the selected setting")
     p.add_argument("--select", default="validation", choices=["validation", "mmrec"],
-                   help="with --tune: select on validation (default) or by MMRec's rule (test)")
+                   help="with --table 2 --tune: select each model's grid cell on validation (default) or by "
+                        "MMRec's rule (test); mmrec is refused without them (each model then runs one setting, and "
+                        "Tables 3 and 4 always select on validation, so nothing would follow the rule)")
     p.add_argument("--sweep_dir", type=Path, default=None, help="runs folder (default runs/reproduce-<data>-table<N>)")
+    p.add_argument("--merge", default=None, type=lambda t: [Path(d) for d in t.split(",") if d],
+                   help="Table 2: DIR1,DIR2,...: no run; one comparison.tex over their datasets, from each "
+                        "folder's comparison.csv, in --sweep_dir (default runs/reproduce-table2-merged)")
     add_worker_args(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from Utils.helpers import UsageError, setup_logging
+    from Utils.cli import setup_logging
+    from Utils.errors import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = parser().parse_known_args(argv)
-    setup_logging("--quiet" in rest)
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    setup_logging(has_flag(rest, "--quiet"))
+    if args.merge and args.table == 2:
+        print(f"wrote {tables.merge_table2(args.merge, args.sweep_dir or Path('runs/reproduce-table2-merged'))}")
+        return 0
+    if args.data is None:
+        p.error("the following argument is required: --data (or --table 2 --merge DIR1,DIR2,...)")
+    if args.select != "validation" and not (args.table == 2 and args.tune):
+        p.error(f"--select {args.select} chooses among the cells of --tune's grids, so it needs --table 2 --tune "
+                f"(without them each model runs one setting, and Tables 3 and 4 select on validation); add --tune "
+                f"or leave --select out.")
     seeds = args.seeds
     sweep_dir = args.sweep_dir or Path("runs") / f"reproduce-{args.data}-table{args.table}"
 
@@ -90,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"{sweep_dir} alone (a run that is not finished there cannot be trained)")
     found, note = paper.modality_note(args.data, folder, recorded)
     log.info(f"note: {note}")
-    # Tables 3 and 4 select on validation whatever --select says (it is for --tune)
+    # Tables 3 and 4 select on validation (--select, for --tune, was refused above for them)
     options = Options(select=args.select if args.table == 2 else "validation", study=args, argv=argv, rest=rest,
                       module="Experiments.reproduce")
     try:
@@ -125,5 +143,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from Utils.helpers import exit_on_interrupt
+    from Utils.cli import exit_on_interrupt
     sys.exit(exit_on_interrupt(main))

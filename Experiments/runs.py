@@ -20,7 +20,7 @@ from DataHandler import DataError
 from Experiments.plan import Cell, Job, Plan, SearchPlan, Sweep, train
 from Experiments.study import WorkersFailed, execute, search_cells, wanted
 from Experiments.tables import select_row, summarise, write_tables
-from Utils.helpers import UsageError
+from Utils.errors import UsageError
 from Utils.run_folder import finished_summary
 
 log = logging.getLogger("diffmm")

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from Utils import run_folder
+
 BUSY_LOOP = "while True: pass"
 
 
@@ -53,9 +55,10 @@ def timed_run(variant: dict, flags: Sequence[str], busy: int, timeout: float) ->
             except subprocess.TimeoutExpired:
                 return {"wall": None, "epoch": None}
             wall = time.perf_counter() - start
-            summary = json.loads((out / "summary.json").read_text())
-            epochs = [e["epoch"] for e in summary["timing"]["per_epoch"]]
-            return {"wall": wall, "epoch": statistics.median(epochs), "threads": summary.get("threads")}
+            summary = run_folder.read_summary(out)
+            epochs = [e["epoch"] for e in run_folder.epoch_seconds(summary)]
+            threads = run_folder.run_machine(summary)["threads"]
+            return {"wall": wall, "epoch": statistics.median(epochs), "threads": threads}
     finally:
         for process in neighbours:
             process.kill()

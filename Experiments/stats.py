@@ -59,7 +59,7 @@ def per_user(run_dir: Path, protocol: str) -> Optional[Dict[str, np.ndarray]]:
     from Utils import run_folder
 
     arrays = run_folder.read_per_user(run_dir, protocol)
-    chosen = (run_folder.read_summary(run_dir)["protocols"][protocol] or {}).get("epoch")
+    chosen = run_folder.best_epoch(run_folder.read_summary(run_dir), protocol)
     return arrays if arrays is not None and arrays["epoch"] == chosen else None
 
 

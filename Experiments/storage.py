@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
-from Utils.helpers import UsageError
+from Utils.errors import UsageError
 
 if TYPE_CHECKING:  # optuna is imported where it is used, so that a sequential sweep does not need it
     import optuna
@@ -134,11 +134,10 @@ def parse_storage(text: Optional[str], sweep_dir: Path) -> StorageSpec:
 
 
 def _retry_callback() -> object:
-    """Optuna's retry of a stale trial (same parameters, intermediate values kept); named by the version."""
-    import optuna
+    """Optuna's retry of a stale trial (same parameters, intermediate values kept)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=None, inherit_intermediate_values=True)
+    return RetryHeartbeatStaleTrialCallback(max_retry=None, inherit_intermediate_values=True)
 
 
 def heartbeat_journal_storage(backend: object, interval: int, grace: int, callback: object) -> object:
@@ -178,8 +177,6 @@ def heartbeat_journal_storage(backend: object, interval: int, grace: int, callba
         def get_heartbeat_stale_trial_callback(self) -> object:
             return callback
 
-        get_failed_trial_callback = get_heartbeat_stale_trial_callback  # the abstract name before optuna 4.9
-
     return HeartbeatJournalStorage(backend)
 
 
@@ -194,26 +191,20 @@ def open_storage(spec: StorageSpec, heartbeat: int) -> "optuna.storages.BaseStor
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         callback = _retry_callback()
         if spec.kind == "journal":
-            try:
-                from optuna.storages.journal import JournalFileBackend
-            except ImportError:  # optuna < 4.0
-                from optuna.storages import JournalFileStorage as JournalFileBackend
+            from optuna.storages.journal import JournalFileBackend
             try:
                 return heartbeat_journal_storage(JournalFileBackend(spec.target), heartbeat, grace, callback)
             except OSError as e:
                 raise UsageError(f"cannot open the journal file {spec.target} ({e.strerror or e}).") from None
-        import inspect
-
         from sqlalchemy.exc import SQLAlchemyError
 
-        name = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
-                in inspect.signature(RDBStorage.__init__).parameters else "failed_trial_callback")
         scheme = spec.target.split("://", 1)[0].split("+")[0]
         # a lock held by another worker is waited for (SQLite); an unreachable server fails in seconds, not minutes
         connect = {"timeout": 60} if scheme == "sqlite" else {"connect_timeout": 10}
         try:
             return RDBStorage(with_driver(spec.target), engine_kwargs={"connect_args": connect},
-                              heartbeat_interval=heartbeat, grace_period=grace, **{name: callback})
+                              heartbeat_interval=heartbeat, grace_period=grace,
+                              heartbeat_stale_trial_callback=callback)
         except ImportError:
             raise UsageError(f"--storage {spec.shown()} needs a Python driver for {scheme}, which is not installed: "
                              f"pip install {DRIVERS.get(scheme, scheme)}.") from None

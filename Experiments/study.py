@@ -37,11 +37,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from Experiments.plan import Cell, GridPlan, Job, Plan, SearchPlan, flag_given, train
+from Experiments.plan import Cell, GridPlan, Job, Plan, SearchPlan, train
 from Experiments.storage import (STORAGE_ENV, open_storage, parse_storage, quiet_optuna, require_optuna,
                                  storage_text)
-from Utils.helpers import UsageError
-from Utils.run_folder import finished_summary
+from Utils.cli import flag_value, has_flag, without_flags
+from Utils.errors import UsageError
+from Utils.run_folder import finished_summary, protocol_metrics, pruned_reason, run_config
 
 if TYPE_CHECKING:  # optuna is imported where it is used, so that a sequential sweep does not need it
     import optuna
@@ -55,6 +56,10 @@ PARENT_FLAGS = ("--workers", "--devices")                        # the parent's 
 # ---------------------------------------------------------------------------------------------
 # The flags, and whether a command runs through a study
 # ---------------------------------------------------------------------------------------------
+
+# the pruner's settings (--prune_startup, --prune_warmup) and their defaults
+PRUNE_DEFAULTS = {"prune_startup": 5, "prune_warmup": 0}
+
 
 def add_worker_args(p: argparse.ArgumentParser, search: bool = False) -> None:
     """The flags of many runs at once (docs/many-runs.md); `search`: also --search/--trials/--prune."""
@@ -81,8 +86,21 @@ def add_worker_args(p: argparse.ArgumentParser, search: bool = False) -> None:
         g.add_argument("--prune", action="store_true",
                        help="stop runs whose validation Recall@topk is below the median of earlier runs at the same "
                             "epoch (Optuna's MedianPruner; not what MMRec does); a pruned run is never selected")
-        g.add_argument("--prune_startup", type=int, default=5, help="--prune: finished runs before any is pruned")
-        g.add_argument("--prune_warmup", type=int, default=0, help="--prune: epochs of a run before it can be pruned")
+        g.add_argument("--prune_startup", type=int, default=PRUNE_DEFAULTS["prune_startup"],
+                       help="--prune: finished runs before any is pruned (refused without --prune)")
+        g.add_argument("--prune_warmup", type=int, default=PRUNE_DEFAULTS["prune_warmup"],
+                       help="--prune: epochs of a run before it can be pruned (refused without --prune)")
+
+
+def unused_prune_flags(opts: argparse.Namespace) -> Optional[str]:
+    """One sentence when a pruner setting is given (a value other than its default) without --prune, which alone
+    turns the pruner on: refused, so that a sweep meant to be pruned does not run every cell to the end."""
+    given = [f"--{name}" for name, default in PRUNE_DEFAULTS.items()
+             if getattr(opts, name, default) != default]
+    if given and not getattr(opts, "prune", False):
+        return (f"{' and '.join(given)} {'sets' if len(given) == 1 else 'set'} the pruner of --prune, which is not "
+                f"given; add --prune, or leave {' and '.join(given)} out.")
+    return None
 
 
 def wanted(opts: argparse.Namespace) -> bool:
@@ -95,6 +113,9 @@ def wanted(opts: argparse.Namespace) -> bool:
 
 def check_options(opts: argparse.Namespace, rest: Sequence[str]) -> Tuple[int, List[int]]:
     """(number of workers, CUDA devices) or a UsageError sentence; nothing is written before this passes."""
+    problem = unused_prune_flags(opts)
+    if problem:
+        raise UsageError(problem)
     devices: List[int] = []
     if opts.devices is not None:
         try:
@@ -112,7 +133,7 @@ def check_options(opts: argparse.Namespace, rest: Sequence[str]) -> Tuple[int, L
             have = f"{count} CUDA device{'s' if count != 1 else ''} (0-{count - 1})" if count else "no CUDA device"
             raise UsageError(f"--devices lists GPU {', '.join(map(str, missing))}, but torch sees {have} on this "
                              f"machine.")
-        if any(flag_given(rest, f) for f in ("--device", "--gpu")):
+        if any(has_flag(rest, f) for f in ("--device", "--gpu")):
             raise UsageError("--devices sets --device cuda and --gpu of every run; leave --device and --gpu out.")
         if opts.workers is not None and opts.workers != len(devices):
             raise UsageError(f"--devices {opts.devices} starts one worker per device ({len(devices)}); leave "
@@ -156,8 +177,8 @@ def make_study(storage: "optuna.storages.BaseStorage", name: str, plan: Plan, pr
 # ---------------------------------------------------------------------------------------------
 
 def validation_recall(summary: dict) -> float:
-    k = summary["config"]["topk"]
-    return float(summary["protocols"]["validation"]["val"][f"Recall@{k}"])
+    k = run_config(summary)["topk"]
+    return float(protocol_metrics(summary, "validation", "val")[f"Recall@{k}"])
 
 
 class Worker:
@@ -195,8 +216,8 @@ class Worker:
                 self.given_up.add(key)
                 log.error(f"error: trial {trial.number} ({job.key}): {e}")
                 raise
-            if "pruned" in summary:
-                raise optuna.TrialPruned(summary["pruned"]["reason"])
+            if pruned_reason(summary) is not None:
+                raise optuna.TrialPruned(pruned_reason(summary))
             values.append(validation_recall(summary))
         return float(sum(values) / len(values))
 
@@ -348,16 +369,7 @@ def worker_argv(argv: Sequence[str], name: str, index: int, run_flags: Sequence[
     """The command line of worker `index`: the parent's, without --workers/--devices and without --storage
     (which may hold a password, and every user sees a command line: the storage goes in `worker_env`), with the
     study and the run flags (its device or threads)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name_ = a.split("=", 1)[0]
-        if name_ in PARENT_FLAGS + ("--storage", "--study"):
-            skip = "=" not in a
-            continue
-        out.append(a)
+    out = without_flags(argv, PARENT_FLAGS + ("--storage", "--study"))
     return out + ["--study", name, "--worker_index", str(index), *run_flags]
 
 
@@ -366,7 +378,7 @@ def worker_env(storage: str, run_flags: Sequence[str], base: Optional[Dict[str, 
     and, when its run flags set --threads, that many BLAS threads unless `base` sets them."""
     base = dict(os.environ) if base is None else base
     env = dict(base, **{STORAGE_ENV: storage})
-    threads = run_flags[list(run_flags).index("--threads") + 1] if "--threads" in run_flags else None
+    threads = flag_value(run_flags, "--threads")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         if threads and var not in base:  # numpy's BLAS pools too, not only torch's
             env[var] = threads
@@ -375,10 +387,10 @@ def worker_env(storage: str, run_flags: Sequence[str], base: Optional[Dict[str, 
 
 def run_flags_of(index: int, workers: int, devices: List[int], rest: Sequence[str]) -> List[str]:
     """Worker `index`'s own Main.py flags: its GPU, and its share of the CPU threads (unless --threads is given)."""
-    from Utils.helpers import available_cpus
+    from Utils.device import available_cpus
 
     flags = ["--device", "cuda", "--gpu", str(devices[index])] if devices else []
-    if not flag_given(rest, "--threads"):
+    if not has_flag(rest, "--threads"):
         flags += ["--threads", str(max(1, available_cpus() // workers))]
     return flags
 

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 from Experiments.plan import GridPlan, SearchPlan, Sweep, grid_argument, reject_ranges, seed_list
 from Experiments.runs import FAILURES, Options, failed, run_plan
-from Experiments.study import add_worker_args, wanted
+from Experiments.study import add_worker_args, unused_prune_flags, wanted
 
 log = logging.getLogger("diffmm")
 
@@ -59,16 +59,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from Utils.helpers import setup_logging
+    from Utils.cli import given_flags, has_flag, setup_logging
+    from Utils.errors import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser().parse_known_args(argv)
-    setup_logging("--quiet" in rest)
-    for flag in rest:
-        if flag.split("=")[0] in ("--seed", "--out_dir"):
-            log.error(f"error: {flag.split('=')[0]} is set by the sweep; use --seeds and --sweep_dir.")
+    setup_logging(has_flag(rest, "--quiet"))
+    for flag in given_flags(rest):
+        if flag in ("--seed", "--out_dir"):
+            log.error(f"error: {flag} is set by the sweep; use --seeds and --sweep_dir.")
             return 2
     try:
+        problem = unused_prune_flags(args)   # before anything is written: a sweep meant to be pruned, unpruned
+        if problem:
+            raise UsageError(problem)
         grid, rest = grid_argument(args.grid, rest)
         if args.search == "tpe":
             plan = SearchPlan.of(args.sweep_dir, grid, args.seeds, rest, args.trials)
@@ -87,5 +91,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from Utils.helpers import exit_on_interrupt
+    from Utils.cli import exit_on_interrupt
     sys.exit(exit_on_interrupt(main))

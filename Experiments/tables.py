@@ -1,8 +1,8 @@
 """The tables of the drivers, from run folders: a sweep's table.md/table.csv/sweep.png, Table 2's comparison.md,
 comparison.csv, comparison.tex and groups.png, and Tables 3 and 4's comparison.md.
 
-Every spread is `mean_std`: the mean over seeds and the sample standard deviation (n − 1; 0 for one seed), shown
-by `mean_std_text` as 0.1234 ± 0.0012, or the value alone for one seed.
+Every spread is `mean_std` (`Utils/metrics.py`): the mean over seeds and the sample standard deviation (n − 1; 0 for
+one seed), shown by `mean_std_text` as 0.1234 ± 0.0012, or the value alone for one seed.
 """
 from __future__ import annotations
 
@@ -17,11 +17,7 @@ from Experiments.paper import (DATASET_NAMES, GRIDS, METRICS, PUBLISHED, PUBLISH
 from Experiments.plan import Cell, Grid, cells, run_dir_of
 from Experiments.stats import ALPHA, PROTOCOLS, marks, protocol_key, table2_stats
 from Utils import run_folder
-
-
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    """The mean of a metric over seeds and its sample standard deviation (n − 1), 0.0 for one seed."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+from Utils.metrics import mean_std
 
 
 def mean_std_text(mean: float, std: float, n: int, pm: str = " ± ") -> str:
@@ -57,21 +53,21 @@ def summarise(sweep_dir: Path, grid: Grid, seeds: Sequence[int],
     for cell in cell_list if cell_list is not None else cells(grid):
         run_dirs = [run_dir_of(sweep_dir, cell, s) for s in seeds]
         summaries = [run_folder.read_summary(d) for d in run_dirs if (d / run_folder.SUMMARY).is_file()]
-        pruned = any("pruned" in s for s in summaries)
+        pruned = any(run_folder.pruned_reason(s) is not None for s in summaries)
         if not pruned:  # every seed's run is there (a missing one fails here, as it always did)
             summaries = [run_folder.read_summary(d) for d in run_dirs]
-        k = summaries[0]["config"]["topk"]
+        k = run_folder.run_config(summaries[0])["topk"]
         row: dict = dict(cell)
         if pruned:
             row["pruned"] = True
         row["seeds"] = len(summaries)
         row["k"] = k
-        row["epoch_mean"] = float(np.mean([s["protocols"]["validation"]["epoch"] for s in summaries]))
+        row["epoch_mean"] = float(np.mean([run_folder.best_epoch(s, "validation") for s in summaries]))
         for split, metrics in (("val", ("Recall",)), ("test", METRICS)):
             for metric in metrics:
                 key = f"{split}_{metric}@{k}"
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std(
-                    [s["protocols"]["validation"][split][f"{metric}@{k}"] for s in summaries])
+                    [run_folder.protocol_metrics(s, "validation", split)[f"{metric}@{k}"] for s in summaries])
         rows.append(row)
     return rows
 
@@ -125,11 +121,11 @@ def table2_rows(data: str, results: Dict[str, object]) -> List[dict]:
         if isinstance(result, str):
             continue
         summaries = _summaries(result["runs"])
-        k = summaries[0]["config"]["topk"]
+        k = run_folder.run_config(summaries[0])["topk"]
         row: dict = {"model": model, "setting": result["setting"], "seeds": len(summaries), "k": k,
-                     "seed_list": [int(s["config"]["seed"]) for s in summaries],
-                     "epochs_run": float(np.mean([s["epochs_run"] for s in summaries])),
-                     "seconds_per_epoch": float(np.mean([np.median([e["epoch"] for e in s["timing"]["per_epoch"]])
+                     "seed_list": [int(run_folder.run_config(s)["seed"]) for s in summaries],
+                     "epochs_run": float(np.mean([run_folder.epochs_run(s) for s in summaries])),
+                     "seconds_per_epoch": float(np.mean([np.median([e["epoch"] for e in run_folder.epoch_seconds(s)])
                                                          for s in summaries]))}
         paper = PUBLISHED.get(model, {}).get(data)
         # where the number was printed; without one, why (a model DiffMM's paper lacks, or a dataset no paper has)
@@ -138,7 +134,7 @@ def table2_rows(data: str, results: Dict[str, object]) -> List[dict]:
             row[f"published_{metric}@20"] = value
         for protocol in PROTOCOLS:
             for metric in METRICS:
-                row[protocol_key(protocol, metric, k)] = [s["protocols"][protocol]["test"][f"{metric}@{k}"]
+                row[protocol_key(protocol, metric, k)] = [run_folder.protocol_metrics(s, protocol)[f"{metric}@{k}"]
                                                           for s in summaries]
         rows.append(row)
     return rows
@@ -357,10 +353,45 @@ def write_table2_csv(rows: List[dict], path: Path) -> None:
             writer.writerow(["" if v is None else v for v in out])
 
 
+def read_table2_csv(path: Path) -> List[dict]:
+    """comparison.csv back into the rows `table2_tex` takes (`write_table2_csv`'s columns; an empty cell is None)."""
+    with open(path, newline="") as f:
+        records = list(csv.DictReader(f))
+    rows = []
+    for rec in records:
+        keys = [c[:-len("_values")] for c in rec if c.endswith("_values")]
+        row: dict = {c: rec[c] or None for c in rec if c.startswith("published_")}
+        row.update({c: float(v) for c, v in row.items() if v and not c.endswith(("_in", "_best_other"))})
+        row.update(model=rec["model"], setting=rec["setting"], seeds=int(rec["seeds"]),
+                   seed_list=[int(s) for s in rec["seed_list"].split(";")], k=int(keys[0].rsplit("@", 1)[1]))
+        for key in keys:
+            row[key] = [float(v) for v in rec[f"{key}_values"].split(";")]
+            row.update({f"{key}_{t}": float(rec[f"{key}_{t}"]) if rec[f"{key}_{t}"] else None
+                        for t in ("ttest_p", "wilcoxon_p", "improv_pct")})
+            row[f"{key}_best_other"] = rec[f"{key}_best_other"] or None
+        rows.append(row)
+    return rows
+
+
+def merge_table2(folders: Sequence[Path], out: Path) -> Path:
+    """out/comparison.tex over several datasets, from the Table 2 folders' comparison.csv (each folder's dataset
+    and note: the first two lines of its comparison.md, as `table2_markdown` writes them)."""
+    tables, notes = {}, []
+    for folder in map(Path, folders):
+        head = (folder / "comparison.md").read_text().splitlines()
+        tables[head[0].split("Paper Table 2 on ", 1)[1].split(": ", 1)[0]] = read_table2_csv(folder / "comparison.csv")
+        notes.append(head[1].replace("Note: ", "", 1))
+    names = ", ".join(DATASET_NAMES.get(d, d) for d in tables)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row for rows in tables.values() for row in rows]
+    (out / "comparison.tex").write_text(table2_tex(tables, table2_caption(names, " ".join(notes), rows)))
+    return out / "comparison.tex"
+
+
 def table2_caption(data: str, note: str, rows: List[dict]) -> str:
-    """comparison.tex's caption: what the blocks, marks and rows are."""
+    """comparison.tex's caption: what the blocks, marks and rows are (`rows`: of one dataset, or of several)."""
     k, ref = rows[0]["k"], _reference(rows)
-    seeds = ",".join(map(str, ref["seed_list"] if ref else rows[0]["seed_list"]))
+    seeds = ",".join(map(str, dict.fromkeys(s for row in rows for s in row["seed_list"])))
     first_seed = ref["seed_list"][0] if ref else None
     return (f"Table 2 on {DATASET_NAMES.get(data, data)} (seeds {seeds}): Recall, NDCG and Precision@{k}, "
             f"all-rank. Ours: mean ± "
@@ -380,13 +411,14 @@ def comparison(table: int, data: str, sweep_dir: Path, seeds: Sequence[int]) -> 
     """A markdown table: the paper's numbers beside ours under both protocols (mean ± std over seeds)."""
     metrics = ("Recall", "NDCG")
     all_summaries = [_summaries([run_dir_of(sweep_dir, cell, s) for s in seeds]) for cell in cells(GRIDS[table])]
-    k = all_summaries[0][0]["config"]["topk"]
+    k = run_folder.run_config(all_summaries[0][0])["topk"]
     header = (["setting"] + [f"paper {m}@20" for m in metrics] + [f"ours {m}@{k} (paper protocol)" for m in metrics]
               + [f"ours {m}@{k} (validation protocol)" for m in metrics])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cell, summaries in zip(cells(GRIDS[table]), all_summaries):
         row = [cell_label(table, cell)] + [f"{v:.4f}" for v in paper_values(table, data, cell)]
-        row += [mean_std_text(*mean_std([s["protocols"][p]["test"][f"{m}@{k}"] for s in summaries]), len(summaries))
+        row += [mean_std_text(*mean_std([run_folder.protocol_metrics(s, p)[f"{m}@{k}"] for s in summaries]),
+                              len(summaries))
                 for p in ("paper", "validation") for m in metrics]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -398,7 +430,7 @@ def write_paper_table(table: int, data: str, note: str, sweep_dir: Path, seeds: 
         from Utils.figures import ablation_bars
 
         ablation_bars([run_dir_of(sweep_dir, c, s) for c in cells(GRIDS[3]) for s in seeds], sweep_dir / "ablation.png")
-    epochs = _summaries([run_dir_of(sweep_dir, cells(GRIDS[table])[0], seeds[0])])[0]["epochs_run"]
+    epochs = run_folder.epochs_run(_summaries([run_dir_of(sweep_dir, cells(GRIDS[table])[0], seeds[0])])[0])
     text = "\n".join([
         f"Paper Table {table} on {data}: the paper's numbers (full features, 50 epochs) beside ours "
         f"({epochs} epoch{'s' if epochs != 1 else ''}, seeds {','.join(map(str, seeds))}; mean ± sample std "

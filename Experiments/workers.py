@@ -17,14 +17,14 @@ from typing import Optional, Sequence
 
 from Experiments.storage import STORAGE_ENV
 from Experiments.study import progress_lines
-from Utils.helpers import UsageError
+from Utils.errors import UsageError
 
 log = logging.getLogger("diffmm")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print each study of a storage: its trials by state and the runs being trained now."""
-    from Utils.helpers import setup_logging
+    from Utils.cli import setup_logging
 
     p = argparse.ArgumentParser(description="Progress of the studies of many runs at once (docs/many-runs.md): "
                                             "trials by state, runs in progress.", allow_abbrev=False)

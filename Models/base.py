@@ -6,14 +6,17 @@ returns its mean losses; then, in eval mode and without gradients, `scorer()`, w
 a batch of users. `checkpoint_state()` is what `best_model.pt` holds. Everything else (optimisers,
 schedulers, negatives, graphs, several optimisers stepped in the order the model chooses) is the
 model's own business. `PairwiseModel` is the shared BPR training loop of MMRec's models: a model
-built on it only says how to score and what its batch loss is.
+built on it only says how to score and what its batch loss is. `PhaseTimer` is the `timer` the harness passes:
+`with timer.phase(name):` times one of the model's `phases`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Dict, Iterable, List, Optional, Tuple
+from typing import ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,13 +24,53 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from DataHandler import Data, device_batches, sample_negatives, train_pairs, user_batches
+from DataHandler import Data
+from Utils.batches import device_batches, sample_negatives, train_pairs, user_batches
 from Utils.flags import float_pair
-from Utils.helpers import PhaseTimer
 from Utils.layers import Graph
 from Utils.metrics import Scorer, dot_scorer
 
 Losses = Dict[str, Dict[str, float]]
+
+
+class PhaseTimer:
+    """Seconds per named phase, summed over the phase's entries (MMSSL enters its phases once per batch).
+
+    On the CPU: wall-clock time. On CUDA, kernels are queued asynchronously, so the host clock would charge a
+    phase for the work queued before it and end before its own work did; a synchronisation at every phase
+    boundary would stall the GPU once per batch instead. So each phase records a CUDA event at its start and
+    at its end, in stream order, and `seconds` synchronises once, when it is read (once per epoch): an event
+    pair spans exactly the device timeline between the phase's start and the end of its work, host work
+    inside the phase included.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._seconds: Dict[str, float] = {}
+        self._events: Dict[str, list] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
+            yield
+            end.record(stream)
+            self._events.setdefault(name, []).append((begin, end))
+            return
+        start = time.perf_counter()
+        yield
+        self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def seconds(self) -> Dict[str, float]:
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            for name, pairs in self._events.items():
+                self._seconds[name] = self._seconds.get(name, 0.0) + sum(b.elapsed_time(e) for b, e in pairs) / 1000
+            self._events = {}
+        return dict(self._seconds)
 
 
 class RecModel(nn.Module):
@@ -65,14 +108,26 @@ class RecModel(nn.Module):
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
-        """One sentence when one of its flags has a value no data could make meaningful, else None. Checked when
-        the command line is parsed (`Params.parse_args`), so a sweep refuses a bad grid value before any run."""
+        """One sentence when one of its flags has a value no data could make meaningful, or two flags contradict
+        each other, else None. Checked when the command line is parsed (`Params.parse_args`), so a sweep refuses a
+        bad grid value before any run. Every check that reads `args` only belongs here, not in `check`."""
         return None
 
     @classmethod
+    def flag_warnings(cls, args: argparse.Namespace) -> List[str]:
+        """One sentence per flag that was given (`changed_flags`) but does nothing with the other flags (an
+        ablation that skips what it sets, an option of a switch that is off), each naming the flag. Logged as
+        warnings when the command line is parsed (`Params.parse_args`); the run goes on. A contradiction the user
+        must resolve is refused by `check_flags` instead."""
+        return []
+
+    @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
-        """One sentence when this configuration cannot run on this data, else None (checked before training)."""
-        return None
+        """One sentence when this configuration cannot run on this data, else None (checked before training, by
+        `Main.run`). The default is `check_flags` (so arguments that never went through `Params.parse_args` are
+        checked too); a model with checks that need the data overrides it and starts with `super().check`. A flag
+        that this data makes do nothing (MDMNS's guidance with one modality) is a warning logged here."""
+        return cls.check_flags(args)
 
     @classmethod
     def parameter_sizes(cls, args: argparse.Namespace, n_users: int, n_items: int, widths: Dict[str, int]
@@ -205,6 +260,41 @@ def add_pairwise_args(group: argparse._ArgumentGroup, reg_weight: float = 1e-4) 
                             "(MMRec; 1.0,50 = constant)")
 
 
+def check_pairwise_flags(args: argparse.Namespace) -> Optional[str]:
+    """The check of `add_pairwise_args`' flags (`PairwiseModel.check_flags`), as one sentence, or None."""
+    if args.embedding_size < 1:
+        return f"--embedding_size must be at least 1, got {args.embedding_size}."
+    return None
+
+
+def check_layers(args: argparse.Namespace, *names: str) -> Optional[str]:
+    """'--NAME must be 0 or more' for the first of the layer-count flags `names` below 0, or None."""
+    for name in names:
+        if getattr(args, name) < 0:
+            return f"--{name} must be 0 or more, got {getattr(args, name)}."
+    return None
+
+
+def changed_flags(args: argparse.Namespace, names: Sequence[str]) -> List[str]:
+    """Those of the flags `names` (without --) that were given: whose value differs from the one the parser of
+    `args.model` gives without them (its default, or with --preset the preset's value, so that a published command
+    plus an ablation does not count the command's own flags). A check sees values only, not the command line, so
+    this is what "given" means to `flag_warnings`: set on the command line, in a --config file or by a sweep's
+    grid, to a value that would change the run; a flag given at its default value changes nothing either way."""
+    from Params import baseline_args
+
+    if not names:
+        return []
+    base = baseline_args(args.model, getattr(args, "preset", None))
+    return [name for name in names if hasattr(args, name) and getattr(args, name) != getattr(base, name, None)]
+
+
+def flag_list(names: Sequence[str]) -> str:
+    """'--a', '--a and --b', '--a, --b and --c'."""
+    flags = [f"--{name}" for name in names]
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+
+
 class PairwiseModel(RecModel):
     """MMRec's training loop (its common/trainer.py): shuffled batches of train pairs, Adam, LambdaLR.
 
@@ -219,6 +309,11 @@ class PairwiseModel(RecModel):
     # MMRec configs/overall.yaml: batch 2048, at most 1000 epochs, stop when validation Recall@20 has not
     # improved for more than 20 evaluations (that is, after 21), lr 1e-3
     defaults = {"batch": 2048, "epoch": 1000, "patience": 21, "lr": 1e-3}
+
+    @classmethod
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        """`add_pairwise_args`' flags (a subclass's own checks come after `super().check_flags`)."""
+        return check_pairwise_flags(args)
 
     def __init__(self, args: argparse.Namespace, data: Data, device: torch.device):
         super().__init__(args, data, device)

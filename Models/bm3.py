@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from Models.base import PairwiseModel, add_pairwise_args
+from Models.base import PairwiseModel, add_pairwise_args, check_layers
 from Utils.graphs import symmetric_graph
 from Utils.layers import emb_loss, propagate, xavier_uniform
 
@@ -85,15 +85,21 @@ class BM3(PairwiseModel):
         add_pairwise_args(g, reg_weight=0.1)   # embedding_size, reg_weight (λ of the full-table EmbLoss)
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
-        if not data.features:
-            return "bm3 needs at least one modality's feature file (<modality>_feat.npy)."
-        if args.n_layers < 0:
-            return f"--n_layers must be 0 or more, got {args.n_layers}."
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        problem = super().check_flags(args) or check_layers(args, "n_layers")
+        if problem:
+            return problem
         if not 0.0 <= args.dropout < 1.0:
             return f"--dropout must be in [0, 1) (1 would zero every target), got {args.dropout}."
-        if args.embedding_size < 1:
-            return f"--embedding_size must be 1 or more, got {args.embedding_size}."
+        return None
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
+        problem = super().check(args, data)
+        if problem:
+            return problem
+        if not data.features:
+            return "bm3 needs at least one modality's feature file (<modality>_feat.npy)."
         return None
 
     def online(self) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -36,12 +36,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from DataHandler import Data, DeviceRows, device_batches, user_batches
-from Models.base import Losses, RecModel
+from DataHandler import Data
+from Models.base import Losses, PhaseTimer, RecModel
 from Models.diffusion import (Denoiser, GaussianDiffusion, add_diffusion_args, check_diffusion_flags, reverse_scorer,
                               use_hidden_reverse)
+from Utils.batches import DeviceRows, device_batches, user_batches
 from Utils.flags import str2bool
-from Utils.helpers import PhaseTimer
 from Utils.memory import linear_entries
 from Utils.metrics import Scorer
 
@@ -168,8 +168,9 @@ class DiffRec(RecModel):
         g.add_argument("--weight_decay", default=0.0, type=float, help="AdamW weight decay")
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
-        """The diffusion's checks (`check_diffusion_flags`), then DiffRec's own, as one sentence."""
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        """The diffusion's checks (`check_diffusion_flags`), then DiffRec's own, as one sentence (none needs the
+        data: `check` is the default, these)."""
         problem = check_diffusion_flags(args, emb_flag=EMB_FLAG)
         if problem:
             return problem

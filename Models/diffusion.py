@@ -28,7 +28,7 @@ from torch import nn
 from Utils.flags import int_list, str2bool
 
 if TYPE_CHECKING:  # typing only: the diffusion itself does not depend on how rows are stored
-    from DataHandler import DeviceRows
+    from Utils.batches import DeviceRows
 
 # a denoiser, called as denoiser(x, steps, mess_dropout=True) -> x̂0: a `Denoiser`, or a function around one (DiffRec's
 # ε-predicting denoiser turned into an x̂0 predictor)

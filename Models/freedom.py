@@ -32,11 +32,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from Models.base import PairwiseModel, add_pairwise_args, trainable_features
+from Models.base import (PairwiseModel, PhaseTimer, add_pairwise_args, changed_flags, check_layers,
+                         trainable_features)
 from Utils.flags import float_list
 from Utils.graphs import (coalesce, cosine_topk, edge_inverse_sqrt_degrees, knn_coo, symmetric_edge_graph,
                           symmetric_graph, symnorm, to_scipy, weighted_sum)
-from Utils.helpers import PhaseTimer
 from Utils.layers import Graph, bpr_loss, propagate, xavier_uniform
 
 MULTINOMIAL_LIMIT = 1 << 24   # torch.multinomial draws from at most 2^24 categories
@@ -94,35 +94,56 @@ class FREEDOM(PairwiseModel):
         g.add_argument("--n_ui_layers", default=2, type=int, help="propagation layers on the user-item graph")
         g.add_argument("--n_mm_layers", default=1, type=int, help="propagation layers on the item graph S")
         g.add_argument("--mm_image_weight", default=0.1, type=float,
-                       help="β_image of S = Σ_m β_m S_m; the other modalities share 1 - β_image equally")
+                       help="β_image of S = Σ_m β_m S_m; the other modalities share 1 - β_image equally (given "
+                            "beside --mm_weights, which overrides it, a warning says it does nothing)")
         g.add_argument("--mm_weights", default=None, type=float_list,
                        help="explicit β_m, one per modality in the dataset's order (image, text, audio, ...), "
-                            "summing to 1; overrides --mm_image_weight")
+                            "summing to 1; overrides --mm_image_weight (a warning when both are given)")
         g.add_argument("--dropout", default=0.8, type=float,
                        help="ρ: share of train edges pruned at every epoch start (degree-sensitive; 0 = none)")
         add_pairwise_args(g, reg_weight=1e-4)   # embedding_size, reg_weight (λ of the modal BPR terms), scheduler
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
-        n_modalities = len(data.features)
-        if not 1 <= args.knn_k < data.n_items:
-            return f"--knn_k must be between 1 and the number of items - 1 ({data.n_items - 1}), got {args.knn_k}"
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        problem = super().check_flags(args) or check_layers(args, "n_ui_layers", "n_mm_layers")
+        if problem:
+            return problem
+        if args.knn_k < 1:
+            return f"--knn_k must be at least 1, got {args.knn_k}."
         if args.feat_embed_dim != args.embedding_size:
             return (f"--feat_embed_dim ({args.feat_embed_dim}) must equal --embedding_size ({args.embedding_size}): "
-                    f"the modal BPR terms score user vectors against Linear_m(X_m)")
-        if args.n_ui_layers < 0 or args.n_mm_layers < 0:
-            return f"--n_ui_layers and --n_mm_layers must be 0 or more, got {args.n_ui_layers}, {args.n_mm_layers}"
+                    f"the modal BPR terms score user vectors against Linear_m(X_m).")
         if not 0.0 <= args.mm_image_weight <= 1.0:
-            return f"--mm_image_weight must be in [0, 1], got {args.mm_image_weight}"
-        if args.mm_weights is not None and (len(args.mm_weights) != n_modalities or min(args.mm_weights) < 0
-                                            or abs(sum(args.mm_weights) - 1.0) > 1e-6):
-            return (f"--mm_weights needs {n_modalities} non-negative numbers summing to 1, one per modality "
-                    f"({', '.join(data.features)}), got {args.mm_weights}")
+            return f"--mm_image_weight must be in [0, 1], got {args.mm_image_weight}."
+        weights = args.mm_weights
+        if weights is not None and (not weights or min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6):
+            return f"--mm_weights needs non-negative numbers summing to 1, one per modality, got {args.mm_weights}."
         if not 0.0 <= args.dropout < 1.0:
-            return f"--dropout must be in [0, 1) (the share of train edges pruned), got {args.dropout}"
+            return f"--dropout must be in [0, 1) (the share of train edges pruned), got {args.dropout}."
+        return None
+
+    @classmethod
+    def flag_warnings(cls, args: argparse.Namespace) -> List[str]:
+        """--mm_image_weight beside --mm_weights, which overrides it (warned, not refused: the weights given win)."""
+        if args.mm_weights is not None and changed_flags(args, ["mm_image_weight"]):
+            return [f"--mm_image_weight {args.mm_image_weight} does nothing: --mm_weights {args.mm_weights} gives "
+                    f"every modality's weight (leave one of them out)."]
+        return []
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
+        problem = super().check(args, data)
+        if problem:
+            return problem
+        n_modalities = len(data.features)
+        if args.knn_k >= data.n_items:
+            return f"--knn_k must be between 1 and the number of items - 1 ({data.n_items - 1}), got {args.knn_k}."
+        if args.mm_weights is not None and len(args.mm_weights) != n_modalities:
+            return (f"--mm_weights needs {n_modalities} non-negative numbers summing to 1, one per modality "
+                    f"({', '.join(data.features)}), got {args.mm_weights}.")
         if args.dropout > 0 and data.train.nnz >= MULTINOMIAL_LIMIT:
             return (f"the train matrix has {data.train.nnz} edges, more than torch.multinomial draws from "
-                    f"({MULTINOMIAL_LIMIT}); run with --dropout 0")
+                    f"({MULTINOMIAL_LIMIT}); run with --dropout 0.")
         return None
 
     def frozen_item_graph(self) -> sp.csr_matrix:

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import Data, sample_negatives, train_pairs
-from Models.base import Losses, RecModel
+from DataHandler import Data
+from Models.base import Losses, PhaseTimer, RecModel
+from Utils.batches import sample_negatives, train_pairs
 from Utils.flags import str2bool
 from Utils.graphs import binary
-from Utils.helpers import PhaseTimer
 from Utils.layers import Graph, xavier_uniform
 from Utils.kernels import LogSumExpLogits
 
@@ -315,6 +315,9 @@ class HCCF(RecModel):
 
     @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        problem = super().check(args, data)
+        if problem:
+            return problem
         if data.train.nnz == 0:
             return f"{data.name} has no train interactions, so HCCF has no positives to sample."
         if np.diff(sp.csr_matrix(data.train).indptr).max() >= data.n_items:

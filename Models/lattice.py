@@ -46,11 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from Models.base import PairwiseModel, add_pairwise_args, trainable_features
+from Models.base import PairwiseModel, PhaseTimer, add_pairwise_args, check_layers, trainable_features
 from Utils.flags import int_list
 from Utils.graphs import (Coo, coalesce, coo_to_csr, cosine_topk, gathered_cosine, knn_coo, row_normalized_graph,
                           symnorm, weighted_sum)
-from Utils.helpers import PhaseTimer
 from Utils.layers import Graph, bpr_loss, propagate, xavier_uniform
 
 
@@ -106,11 +105,22 @@ class LATTICE(PairwiseModel):
         add_pairwise_args(g, reg_weight=1e-5)   # embedding_size, reg_weight (λ), learning_rate_scheduler
 
     @classmethod
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        problem = super().check_flags(args) or check_layers(args, "n_layers")
+        if problem:
+            return problem
+        for name in ("knn_k", "feat_embed_dim"):
+            if getattr(args, name) < 1:
+                return f"--{name} must be at least 1, got {getattr(args, name)}."
+        return None
+
+    @classmethod
     def check(cls, args: argparse.Namespace, data) -> Optional[str]:
-        if not 1 <= args.knn_k < data.n_items:
-            return f"--knn_k must be between 1 and the number of items - 1 ({data.n_items - 1}), got {args.knn_k}"
-        if args.feat_embed_dim < 1:
-            return f"--feat_embed_dim must be at least 1, got {args.feat_embed_dim}"
+        problem = super().check(args, data)
+        if problem:
+            return problem
+        if args.knn_k >= data.n_items:
+            return f"--knn_k must be between 1 and the number of items - 1 ({data.n_items - 1}), got {args.knn_k}."
         return None
 
     def fp32(self):

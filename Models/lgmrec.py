@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from Models.base import PairwiseModel, add_pairwise_args
+from Models.base import PairwiseModel, add_pairwise_args, check_layers
 from Utils.flags import str2bool
 from Utils.graphs import binary, row_normalized, symmetric_graph
 from Utils.layers import bpr_loss, emb_loss, info_nce, propagate, xavier_uniform
@@ -93,12 +93,10 @@ class LGMRec(PairwiseModel):
         add_pairwise_args(g, reg_weight=1e-6)   # embedding_size, reg_weight
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
-        if not data.features:
-            return "lgmrec needs at least one modality's feature file (<modality>_feat.npy)."
-        for flag in ("n_ui_layers", "n_mm_layers"):
-            if getattr(args, flag) < 0:
-                return f"--{flag} must be 0 or more, got {getattr(args, flag)}."
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        problem = super().check_flags(args) or check_layers(args, "n_ui_layers", "n_mm_layers")
+        if problem:
+            return problem
         if args.n_hyper_layer < 1:
             return f"--n_hyper_layer must be 1 or more (the user hypergraph embeddings come from a layer), " \
                    f"got {args.n_hyper_layer}."
@@ -106,6 +104,15 @@ class LGMRec(PairwiseModel):
             return f"--hyper_num must be 1 or more, got {args.hyper_num}."
         if not 0.0 < args.keep_rate <= 1.0:
             return f"--keep_rate must be in (0, 1], got {args.keep_rate}."
+        return None
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
+        problem = super().check(args, data)
+        if problem:
+            return problem
+        if not data.features:
+            return "lgmrec needs at least one modality's feature file (<modality>_feat.npy)."
         return None
 
     # ------------------------------------------------------------------ pieces of the forward

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from Models.base import PairwiseModel, add_pairwise_args
+from Models.base import PairwiseModel, add_pairwise_args, check_layers
 from Utils.graphs import symmetric_graph
 from Utils.layers import bpr_loss, emb_loss, propagate, xavier_uniform
 
@@ -39,8 +39,8 @@ class LightGCN(PairwiseModel):
         add_pairwise_args(g)
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data) -> Optional[str]:
-        return f"--n_layers must be 0 or more, got {args.n_layers}" if args.n_layers < 0 else None
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        return super().check_flags(args) or check_layers(args, "n_layers")
 
     def embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
         nodes = propagate(self.graph, torch.cat([self.user_emb, self.item_emb]), self.args.n_layers, "mean")

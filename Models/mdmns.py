@@ -32,6 +32,7 @@ and the forward_cl_MM views are only computed when the loss uses them.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,12 +44,15 @@ from torch import nn
 from DataHandler import Data
 from Model import (DiffMM, GeneratorInputs, Recommender, Scores, Views, contrastive_loss, generator_objective,
                    msi_weight)
+from Models.base import changed_flags, flag_list
 from Models.diffusion import DenoiserFn, GaussianDiffusion, InputFn, reverse_scorer
 from Utils.flags import float_list, str2bool
 from Utils.layers import Graph, bpr_loss, propagate
 
 # the NCE logits are computed in blocks of at most this many entries (64 MB in fp32)
 NCE_BLOCK = 1 << 24
+# the flags of the guided diffusion (§3): unread without guidance (one modality, --ablation no_dm)
+GUIDE_FLAGS = ("guide_fused_hidden_dim", "guide_fresh_per_call", "guide_degree", "guide_at_sampling")
 
 
 def noise_fracs(text: str) -> List[float]:
@@ -317,20 +321,22 @@ class MDMNS(DiffMM):
         DiffMM.add_args(parser)
         g = parser.add_argument_group("mdmns (its authors' code, HuXianshengNXU/MDMNS-main; "
                                       "fixes of the authors' defects are off by default)")
+        unguided = " (given where nothing is guided, one modality or --ablation no_dm, a warning says it does nothing)"
         g.add_argument("--guide_fused_hidden_dim", default=64, type=int,
-                       help="h: width of the guidance GCN of the diffusion training")
+                       help="h: width of the guidance GCN of the diffusion training" + unguided)
         g.add_argument("--guide_fresh_per_call", default=True, type=str2bool,
                        help="true (authors) = a new random, untrained guidance GCN on every denoiser call; false = "
-                            "one per modality (users embedded by id), trained with that modality's denoiser")
+                            "one per modality (users embedded by id), trained with that modality's denoiser" + unguided)
         g.add_argument("--guide_degree", default="clamp", choices=["clamp", "abs", "one"],
                        help="degrees of the noisy guidance graph: clamp (authors) = max(deg, 1e-8), which scales "
                             "rows of negative degree by 1e4; abs = max(|deg|, 1e-8); one = max(deg, 1). On TikTok "
                             "with clamp, 11 to 15 in 100 noisy rows have a negative degree, the guided scores reach "
                             "1e11-1e18 and the denoiser's tanh input layer saturates: its gradient is exactly zero, "
-                            "only its output layer trains; abs and one keep it trained (docs/siblings.md)")
+                            "only its output layer trains; abs and one keep it trained (docs/siblings.md)" + unguided)
         g.add_argument("--guide_at_sampling", default=False, type=str2bool,
                        help="false (authors) = guidance in training only; true = the reverse steps of the graph "
-                            "rebuild feed the guided scores to the denoiser as well")
+                            "rebuild feed the guided scores to the denoiser as well (step by step: refused with "
+                            "--reverse hidden)" + unguided)
         g.add_argument("--nce_noise_fracs", default=[0.1, 0.125, 0.25, 0.5], type=noise_fracs,
                        help="cl_method 1: noise levels c = int(frac x steps) of the noisy item copies (N(0,1) noise "
                             "times c); '' = no noisy terms")
@@ -343,10 +349,40 @@ class MDMNS(DiffMM):
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
-        """MDMNS's flag, then every check of DiffMM's (its flags are DiffMM's)."""
+        """MDMNS's flags, then every check of DiffMM's (its flags are DiffMM's). --guide_at_sampling true with
+        --reverse hidden is refused: guided reverse steps feed the denoiser S, the hidden-space chain needs x_t."""
         if args.guide_fused_hidden_dim < 1:
             return f"--guide_fused_hidden_dim must be at least 1, got {args.guide_fused_hidden_dim}."
+        if args.guide_at_sampling and args.reverse == "hidden":
+            return ("--guide_at_sampling true feeds the guided scores to the reverse steps, which the hidden-space "
+                    "chain of --reverse hidden cannot take (it needs x_t itself); use --reverse auto or direct, or "
+                    "--guide_at_sampling false.")
         return super().check_flags(args)
+
+    @classmethod
+    def unused_with_ablation(cls, args: argparse.Namespace) -> Tuple[str, ...]:
+        """DiffMM's, and with no_dm the guidance flags too (guidance needs the diffusion); --steps stays read where
+        cl_method 1's noise levels int(frac x steps) use it."""
+        unused = super().unused_with_ablation(args)
+        if args.ablation == "no_dm":
+            reads_steps = args.cl_method == 1 and args.nce_noise_fracs and args.ssl_reg != 0
+            unused = tuple(n for n in unused if not (n == "steps" and reads_steps)) + GUIDE_FLAGS
+        return unused
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        """DiffMM's checks; a warning naming the guidance flags given for a dataset of one modality, where
+        nothing is guided (guidance is the mean of the other modalities' features)."""
+        problem = super().check(args, data)
+        if problem:
+            return problem
+        unused = changed_flags(args, GUIDE_FLAGS) if args.ablation != "no_dm" and len(data.modalities) < 2 else []
+        if unused:   # with no_dm they were named when the command line was parsed (flag_warnings)
+            logging.getLogger("diffmm").warning(
+                f"warning: {flag_list(unused)} {'does' if len(unused) == 1 else 'do'} nothing on {data.name} with "
+                f"the one modality {', '.join(data.modalities)}: the denoiser is guided by the other modalities' "
+                f"features, so with one it is not guided.")
+        return None
 
     # --- diffusion (§3) ------------------------------------------------------------------------
     def guided_input(self, modality: str, x_t: torch.Tensor, guide: torch.Tensor, users: torch.Tensor

@@ -67,11 +67,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DataHandler import Data, DeviceRows, train_pairs
-from Models.base import RecModel
+from DataHandler import Data
+from Models.base import PhaseTimer, RecModel
+from Utils.batches import DeviceRows, train_pairs
 from Utils.flags import float_list, int_list
 from Utils.graphs import GraphPair, one_sided_graphs
-from Utils.helpers import PhaseTimer
 from Utils.layers import xavier_uniform
 
 
@@ -349,15 +349,7 @@ class MMSSL(RecModel):
                             "without asking; 0 = none")
 
     @classmethod
-    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
-        if data.n_items < 8:
-            return (f"MMSSL's discriminator has ⌊I/4⌋ and ⌊I/8⌋ hidden units, so it needs at least 8 items; "
-                    f"{data.name} has {data.n_items}.")
-        if data.train.nnz == 0:
-            return f"{data.name} has no train interactions, so MMSSL has no users to sample."
-        if np.diff(data.train.indptr).max() >= data.n_items:
-            return (f"a user of {data.name} has every item in train, so MMSSL cannot draw a negative item "
-                    f"for that user.")
+    def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
         for name in ("embed_size", "head_num", "T", "layers"):
             if getattr(args, name) < 1:
                 return f"--{name} must be at least 1, got {getattr(args, name)}."
@@ -374,6 +366,21 @@ class MMSSL(RecModel):
                 return f"--{name} is a dropout rate and must be in [0, 1), got {getattr(args, name)}."
         if not 0.0 <= args.m_topk_rate <= 1.0:
             return f"--m_topk_rate is a share of the items and must be in [0, 1], got {args.m_topk_rate}."
+        return None
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
+        problem = super().check(args, data)
+        if problem:
+            return problem
+        if data.n_items < 8:
+            return (f"MMSSL's discriminator has ⌊I/4⌋ and ⌊I/8⌋ hidden units, so it needs at least 8 items; "
+                    f"{data.name} has {data.n_items}.")
+        if data.train.nnz == 0:
+            return f"{data.name} has no train interactions, so MMSSL has no users to sample."
+        if np.diff(data.train.indptr).max() >= data.n_items:
+            return (f"a user of {data.name} has every item in train, so MMSSL cannot draw a negative item "
+                    f"for that user.")
         return None
 
     # --- batches --------------------------------------------------------------------------------
@@ -501,8 +508,8 @@ class MMSSL(RecModel):
             elif self.top_k > 0:
                 # entry a·k + r of the row-major top-k is item r of batch user a; `authors` tiles the users
                 # against it (users[(a·k + r) mod B], their repeat(1, k)), `own` repeats each user k times;
-                # a run saved before the flag existed paired `own` and resumes so
-                owners = (users.repeat(self.top_k) if getattr(self.args, "gen_pairing", "own") == "authors"
+                # a run saved before the flag existed paired `own` and resumes so (run_folder.upgrade_config)
+                owners = (users.repeat(self.top_k) if self.args.gen_pairing == "authors"
                           else users.repeat_interleave(self.top_k))
                 for m, fake in fakes.items():
                     top = torch.topk(fake, self.top_k, dim=1).indices

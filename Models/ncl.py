@@ -31,10 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from Models.base import PairwiseModel, add_pairwise_args
+from Models.base import PairwiseModel, PhaseTimer, add_pairwise_args, check_layers
 from Utils.flags import str2bool
 from Utils.graphs import BLOCK_ELEMENTS, symmetric_graph
-from Utils.helpers import PhaseTimer
 from Utils.kernels import LogSumExpLogits
 from Utils.layers import bpr_loss, emb_loss, info_nce, xavier_uniform
 
@@ -228,6 +227,9 @@ class NCL(PairwiseModel):
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
+        problem = super().check_flags(args) or check_layers(args, "n_layers")
+        if problem:
+            return problem
         for flag in ("hyper_layers", "warm_up_step", "kmeans_niter"):
             if getattr(args, flag) < 0:
                 return f"--{flag} must be 0 or more, got {getattr(args, flag)}"
@@ -240,6 +242,9 @@ class NCL(PairwiseModel):
 
     @classmethod
     def check(cls, args: argparse.Namespace, data) -> Optional[str]:
+        problem = super().check(args, data)
+        if problem:
+            return problem
         # k-means needs k <= points (faiss throws); only when the prototype term is reached within --epoch
         if args.warm_up_step < args.epoch and args.num_clusters > min(data.n_users, data.n_items):
             return (f"--num_clusters {args.num_clusters} exceeds the {min(data.n_users, data.n_items)} "

@@ -49,10 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from DataHandler import Data
-from Models.base import RecModel
+from Models.base import PhaseTimer, RecModel, changed_flags, flag_list
 from Utils.flags import float_list, int_list, str2bool
 from Utils.graphs import binary, bipartite
-from Utils.helpers import PhaseTimer
 from Utils.layers import Graph
 
 LEAKY_SLOPE = 0.2   # tf.nn.leaky_relu's default alpha (NGCF.py:203); the port sets negative_slope=0.2 to match it
@@ -233,11 +232,13 @@ class NGCF(RecModel):
                        help="1: node dropout in training (the port's default); 0: none (TF's default and README "
                             "command)")
         g.add_argument("--node_dropout", default="[0.1]", type=float_list,
-                       help="only node_dropout[0] is read: the rate p of node dropout (with --node_dropout_flag 1)")
+                       help="only node_dropout[0] is read: the rate p of node dropout (with --node_dropout_flag 1; "
+                            "given without it, a warning says it does nothing)")
         g.add_argument("--node_dropout_type", default="entries", choices=["entries", "nodes"],
                        help="entries = each stored entry of Â dropped with p, one mask per batch for all layers "
                             "(both codes); nodes = each node's outgoing messages (its column of Â) dropped with p, "
-                            "a new draw per layer (the paper's §2.4.2); kept values scaled by 1/(1-p)")
+                            "a new draw per layer (the paper's §2.4.2); kept values scaled by 1/(1-p); with "
+                            "--node_dropout_flag 1 only (given without it, a warning says it does nothing)")
         g.add_argument("--mess_dropout", default="[0.1,0.1,0.1]", type=float_list,
                        help="message dropout rate of each layer's output in training: the first L are read (one value: "
                             "every layer)")
@@ -263,8 +264,18 @@ class NGCF(RecModel):
         return None
 
     @classmethod
+    def flag_warnings(cls, args: argparse.Namespace) -> List[str]:
+        """--node_dropout and --node_dropout_type without --node_dropout_flag 1, which turns node dropout on
+        (warned, not refused: the run without node dropout is the TF code's default)."""
+        unused = changed_flags(args, ["node_dropout", "node_dropout_type"]) if not args.node_dropout_flag else []
+        if unused:
+            return [f"{flag_list(unused)} {'does' if len(unused) == 1 else 'do'} nothing without "
+                    f"--node_dropout_flag 1, which turns node dropout on (give it, or leave {flag_list(unused)} out)."]
+        return []
+
+    @classmethod
     def check(cls, args: argparse.Namespace, data: Data) -> Optional[str]:
-        problem = cls.check_flags(args)
+        problem = super().check(args, data)
         if problem:
             return problem
         if data.train.nnz == 0:

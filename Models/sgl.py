@@ -30,10 +30,10 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from DataHandler import Data, device_batches, sample_negatives, train_pairs, user_batches
-from Models.base import Losses, RecModel
+from DataHandler import Data
+from Models.base import Losses, PhaseTimer, RecModel
+from Utils.batches import device_batches, sample_negatives, train_pairs, user_batches
 from Utils.graphs import binary, coo_to_csr
-from Utils.helpers import PhaseTimer
 from Utils.kernels import LogSumExpLogits
 from Utils.layers import Graph, bpr_loss, xavier_uniform
 
@@ -258,6 +258,8 @@ class SGL(RecModel):
     def check_flags(cls, args: argparse.Namespace) -> Optional[str]:
         if args.embed_size < 1:
             return f"--embed_size must be at least 1, got {args.embed_size}"
+        if args.n_layers < 0:
+            return f"--n_layers must be 0 or more, got {args.n_layers}"
         if not 0.0 <= args.ssl_ratio < 1.0:
             return f"--ssl_ratio is a dropout ratio in [0, 1), got {args.ssl_ratio}"
         if not args.ssl_temp > 0.0:

@@ -7,9 +7,12 @@ item's image through an ImageNet CNN. The released Baby/Sports text rows are
 joined with spaces (LATTICE, github.com/CRIPAC-DIG/LATTICE `data/build_data.py` at 57b449e, "Text Features"),
 and the image rows are the 4,096-d second fully connected layer (fc7) of the Caffe reference network (the
 Amazon dump of McAuley et al., SIGIR 2015, used by VBPR, He & McAuley, AAAI 2016), read by the same script, which fills
-items without an image with the mean of the others. The defaults here follow that recipe with what can be
-installed today: `sentence-transformers/stsb-roberta-large` (1,024-d) and torchvision's AlexNet, the network the
-Caffe reference model re-implements, up to its fc7 (4,096-d); docs/features.md lists lighter choices.
+items without an image with the mean of the others. The defaults here follow that recipe with what
+requirements-encoders.txt installs (sentence-transformers, which brings transformers, and Pillow):
+`sentence-transformers/stsb-roberta-large` (1,024-d) and an ImageNet CNN through transformers,
+`hf:microsoft/resnet-50` (its pooled 2,048-d output). torchvision's AlexNet up to fc7 (4,096-d), the network the
+Caffe reference model re-implements and so the nearest to the released rows, is `--image_model alexnet`; it needs
+torchvision built for the installed torch, which no requirements file can pin (docs/features.md).
 
 Rows follow the dataset's item order (`item_ids.txt`, written by `prepare.py raw`: line i is the raw id of item
 i). Encoding runs in chunks that are each written to a work folder beside the output as soon as they are done,
@@ -38,12 +41,14 @@ from DataHandler import feature_files, load_features
 from Utils.files import atomic_write, atomic_write_text
 from Utils.formats import (ITEM_IDS, USER_IDS, DataError, check_disjoint, detect_layout, read_id_lines, read_splits,
                            write_dataset, write_id_map)
-from Utils.helpers import resolve_device, resolve_threads
+from Utils.device import resolve_device, resolve_threads
 
 log = logging.getLogger("diffmm")
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/stsb-roberta-large"
-DEFAULT_IMAGE_MODEL = "alexnet"
+# a transformers model: it needs only what requirements-encoders.txt installs (torchvision models such as alexnet
+# need a torchvision built for the installed torch)
+DEFAULT_IMAGE_MODEL = "hf:microsoft/resnet-50"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MISSING_CHOICES = ("zero", "mean", "drop")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -243,13 +248,13 @@ def check_dependencies(text: bool, image_model: Optional[str]) -> None:
         raise DataError(f"the image model {image_model!r} is a torchvision architecture and torchvision is not "
                         f"installed: install the build made for torch {torch.__version__} (`pip install --no-deps "
                         f"torchvision==<its version>` from the index torch came from; docs/features.md), or use a "
-                        f"Hugging Face image model (--image_model hf:microsoft/resnet-50); nothing was written."
+                        f"Hugging Face image model (the default, {DEFAULT_IMAGE_MODEL}); nothing was written."
                         ) from None
     except Exception as e:  # a torchvision built for another torch fails inside its own import
         raise DataError(f"torchvision is installed but does not load with torch {torch.__version__} ({_short(e)}): "
                         f"install the torchvision build made for this torch (same version pairing and same index, "
                         f"e.g. the CPU one for a CPU torch; docs/features.md), or use a Hugging Face image model "
-                        f"(--image_model hf:microsoft/resnet-50); nothing was written.") from None
+                        f"(the default, {DEFAULT_IMAGE_MODEL}); nothing was written.") from None
 
 
 class TextEncoder:

@@ -194,8 +194,9 @@ def model_group_bars(runs: Dict[str, Path], out: Path) -> Path:
 
 
 def _load_case_inputs(run_dir: Path, modality: Optional[str], data_dir: Optional[Path]):
-    """(modality, generated U x k items, train CSR, raw item features) of a run folder."""
-    from DataHandler import feature_files, load_features, load_matrix
+    """(modality, generated U x k items, train CSR, raw item features) of a run folder, its dataset read in any
+    layout Main.py reads (DataHandler.load_data: the run's --format, auto by default)."""
+    from DataHandler import feature_files, load_data
 
     generated = np.load(run_dir / run_folder.GENERATED)
     if not generated.files:
@@ -208,8 +209,8 @@ def _load_case_inputs(run_dir: Path, modality: Optional[str], data_dir: Optional
     files = feature_files(folder)
     if modality not in files:
         raise FileNotFoundError(f"no {modality}_feat.npy in {folder}: pass --data_dir to the dataset folder's parent")
-    train = load_matrix(folder / "trnMat.pkl")
-    return modality, generated[modality], train, load_features(files[modality], train.shape[1])
+    data = load_data(config["data"], folder.parent, [modality], layout=config.get("format") or "auto")
+    return modality, generated[modality], data.train, data.features[modality]
 
 
 def _unit_rows(features: np.ndarray, centre: bool = False) -> np.ndarray:
@@ -344,7 +345,7 @@ def sweep_figure(rows: Sequence[dict], flags: Sequence[str], k: int, out: Path) 
     """Sweep results: lines for one swept flag, a heatmap for two, bars over the cells otherwise.
 
     `rows`: one per grid cell with the flag values (strings, in grid order) and 'test_Recall@K_mean',
-    'test_Recall@K_std', 'test_NDCG@K_mean', ..., 'val_Recall@K_mean' (Utils.sweep.summarise).
+    'test_Recall@K_std', 'test_NDCG@K_mean', ..., 'val_Recall@K_mean' (Experiments.tables.summarise).
     """
     metric = f"Recall@{k}"
     if len(flags) == 1:
@@ -388,7 +389,7 @@ def sweep_figure(rows: Sequence[dict], flags: Sequence[str], k: int, out: Path) 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Draw the paper-experiment figures of DiffMM run folders.")
-    p.add_argument("run_dirs", nargs="+", type=Path, help="run folders (from Main.py or Utils.sweep)")
+    p.add_argument("run_dirs", nargs="+", type=Path, help="run folders (from Main.py or Experiments.sweep)")
     p.add_argument("--out", type=Path, default=None,
                    help="ablation chart path when several folders are given "
                         "(default: <parent of the first>/ablation.png)")

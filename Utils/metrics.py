@@ -3,16 +3,17 @@
 Every item is scored for every evaluated user, the user's train items are excluded, and metrics are
 averaged over the users with at least one held-out item (as DiffMM's code evaluates). `--eval_users mmrec`
 also drops the users without a train item, as MMRec does (its dataset.py split(), filter_out_cod_start_users).
+Over several runs (seeds), a metric's spread is `mean_std`, the one definition the tables and figures share.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from DataHandler import DeviceRows
+from Utils.batches import DeviceRows
 
 METRICS = ("Recall", "NDCG", "Precision")
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -121,3 +122,8 @@ def group_metrics(train_counts: np.ndarray, values: Dict[str, np.ndarray], edges
         out[group_name(edges, g)] = {"users": n, **{name: (float(v[mask].mean()) if n else None)
                                                     for name, v in values.items()}}
     return out
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """The mean of a metric over seeds and its sample standard deviation (n − 1), 0.0 for one seed."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0

@@ -17,10 +17,15 @@ writes"), by its constant here:
 | GROUPS, CASE_STUDY | groups.png, case_study.png | by `python -m Utils.figures RUN_DIR` |
 | TENSORBOARD | events.out.tfevents.* | after every epoch with `--tensorboard` (metrics.jsonl stays the truth) |
 
-Writes are atomic (a temporary file renamed into place, `Utils.helpers.atomic_write`), so a kill leaves each
+Writes are atomic (a temporary file renamed into place, `Utils.files.atomic_write`), so a kill leaves each
 file whole. Reading a file that is not there, or a checkpoint that is not one of this package's, is one sentence
 (`RunFolderError`), never a traceback. A run folder that other users can write is refused unless
 `--allow_shared_dir` is given (`refuse_shared`): they could replace its files between two epochs.
+
+Other modules read summary.json through the accessors here (`protocol_result`, `protocol_metrics`, `best_epoch`,
+`run_config`, `run_data`, `epoch_seconds`, `epochs_run`, `pruned_reason`, `run_machine`), never by its keys, and
+a configuration saved before a flag existed gets that flag's value for such a run in one place (`upgrade_config`:
+resume, reloading a run, the readers).
 """
 from __future__ import annotations
 
@@ -33,12 +38,13 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 
-from Utils.helpers import UsageError, atomic_torch_save, atomic_write, atomic_write_text
+from Utils.errors import UsageError
+from Utils.files import atomic_torch_save, atomic_write, atomic_write_text
 
 CONFIG = "config.json"
 LOG = "log.txt"
@@ -60,6 +66,12 @@ RUNS = Path("runs")  # the folder of the default run folders, relative to the wo
 # keys of a run's arguments that say where it writes, what it continues or what it may write into, not what it
 # computes: config.json leaves them out, so a rerun from it (or from a file someone sent) cannot decide them
 NOT_CONFIGURATION = ("out_dir", "resume", "config", "allow_shared_dir")
+# flags added after runs had been saved without them, each with the value such a run had (not always today's
+# default: MMSSL paired its generated graphs `own` before --gen_pairing existed, and `authors` is its default now);
+# `upgrade_config` fills them in, so that no other module asks whether a configuration is older than a flag
+ADDED_FLAGS: Dict[str, Any] = {"eval_users": "all", "threads": "auto", "tensorboard": False, "keep_last": True,
+                               "quiet": False, "allow_shared_dir": False}
+ADDED_MODEL_FLAGS: Dict[str, Dict[str, Any]] = {"mmssl": {"gen_pairing": "own"}}
 
 
 class RunFolderError(UsageError):
@@ -180,6 +192,16 @@ def configuration(args: dict) -> dict:
     return {k: v for k, v in args.items() if k not in NOT_CONFIGURATION}
 
 
+def upgrade_config(config: dict) -> dict:
+    """A saved configuration (a checkpoint's, summary.json's, a run's arguments) with every flag added since it was
+    saved set to the value the run had (ADDED_FLAGS, ADDED_MODEL_FLAGS of its model); a copy, in the same order, the
+    added flags after the others. A configuration that has them all comes back equal."""
+    upgraded = dict(config)
+    for name, value in {**ADDED_FLAGS, **ADDED_MODEL_FLAGS.get(str(config.get("model")), {})}.items():
+        upgraded.setdefault(name, value)
+    return upgraded
+
+
 def write_config(run_dir: Path, args: dict) -> None:
     atomic_write_text(Path(run_dir) / CONFIG, json.dumps(configuration(args), indent=2, sort_keys=True) + "\n")
 
@@ -253,6 +275,53 @@ def finished_summary(run_dir: Path) -> Optional[dict]:
         return None
     summary = read_summary(run_dir)
     return None if "stopped" in summary else summary
+
+
+# summary.json's readers: every other module reads a summary through these (its layout is `Main.make_summary`'s)
+
+def protocol_result(summary: dict, protocol: str) -> Optional[dict]:
+    """The block of a protocol ('paper': the epoch of the best test Recall; 'validation': of the best validation
+    Recall): {'description', 'epoch', 'val', 'test'}; None for a run that stopped before its first evaluation."""
+    return summary["protocols"][protocol]
+
+
+def protocol_metrics(summary: dict, protocol: str, split: str = "test") -> Dict[str, float]:
+    """The metrics of `split` ('val', 'test') at a protocol's epoch: {'Recall@20': ..., 'NDCG@20': ..., ...}."""
+    return summary["protocols"][protocol][split]
+
+
+def best_epoch(summary: dict, protocol: str) -> Optional[int]:
+    """A protocol's epoch; None for a run that stopped before its first evaluation."""
+    return (summary["protocols"][protocol] or {}).get("epoch")
+
+
+def run_config(summary: dict) -> dict:
+    """The run's flags (`upgrade_config`: a run saved before a flag existed gets the value it had)."""
+    return upgrade_config(summary["config"])
+
+
+def run_data(summary: dict) -> dict:
+    """What the run read: {'name', 'users', 'items', 'train', 'val', 'test', 'modalities'}."""
+    return summary.get("data", {})
+
+
+def epoch_seconds(summary: dict) -> List[Dict[str, float]]:
+    """Each epoch's seconds, in order: one entry per phase and 'epoch' (the whole epoch)."""
+    return summary["timing"]["per_epoch"]
+
+
+def epochs_run(summary: dict) -> int:
+    return summary["epochs_run"]
+
+
+def pruned_reason(summary: dict) -> Optional[str]:
+    """Why a sweep's pruner (--prune) ended the run early; None for a run that was not pruned."""
+    return summary["pruned"]["reason"] if "pruned" in summary else None
+
+
+def run_machine(summary: dict) -> Dict[str, Any]:
+    """Where the run ran: {'device', 'threads', 'versions'}, each None for a run from before it was recorded."""
+    return {"device": summary.get("device"), "threads": summary.get("threads"), "versions": summary.get("versions")}
 
 
 def topk(run_dir: Path, records: Iterable[dict] = ()) -> int:
@@ -336,7 +405,7 @@ def load_best(run_dir: Path) -> dict:
 
 
 # what the harness reads of each checkpoint (Main.save_checkpoint, EpochWriter.write); the model's own part
-# ('state_dict', DiffMM's 'recommender', ...) is checked where the model loads it (Main.restore_checkpoint)
+# ('state_dict', DiffMM's 'recommender', ...) is checked where the model loads it (inference.restore_checkpoint)
 BEST_KEYS = ("epoch", "config")
 LAST_KEYS = ("config", "model", "harness", "rng")
 
@@ -374,7 +443,7 @@ def read_checkpoint(path: Path, required: Iterable[str]) -> dict:
 
 
 def _config_problem(config: object) -> Optional[str]:
-    # whether the model is registered is the harness's check (Main.model_of_checkpoint): this module is below it
+    # whether the model is registered is the check of inference.checkpoint_args: this module is below it
     if not isinstance(config, dict) or not all(isinstance(k, str) and k.isidentifier() for k in config):
         return "is not a mapping of flag names to values"
     missing = [key for key in ("model", "data", "data_dir") if key not in config]

@@ -210,14 +210,32 @@ def write_scale(folder: Path, n_users: int, n_items: int, n_interactions: int, d
         write_random_features(staging, n_items, dims, seed)
 
 
-def write_like(folder: Path, like: Path, dims: Dict[str, int], seed: int = SYNTHETIC_SEED) -> None:
-    """The split files of the dataset folder `like` (linked) with generated features, written whole or not at all."""
-    from DataHandler import load_matrix
+def split_files(folder: Path, name: str) -> Dict[str, Path]:
+    """The split files of a dataset folder in any layout Main.py reads (`Utils.formats.detect_layout`), each
+    under the name it takes in a folder `name` of that layout: DiffMM's trnMat/valMat/tstMat (.pkl or .npz),
+    MMRec's <folder>.inter (named after its folder: `name`.inter), MMSSL's train/val/test.json."""
+    from Utils.formats import DIFFMM_FILES, MMSSL_FILES, detect_layout
 
-    n_items = load_matrix(like / "trnMat.pkl").shape[1]
+    layout = detect_layout(folder)
+    if layout == "diffmm":
+        paths = [folder / f"{stem}.npz" if (folder / f"{stem}.npz").is_file() else folder / f"{stem}.pkl"
+                 for stem in DIFFMM_FILES]
+        return {path.name: path for path in paths}
+    if layout == "mmrec":
+        return {f"{name}.inter": folder / f"{folder.name}.inter"}
+    return {name: folder / name for name in MMSSL_FILES}
+
+
+def write_like(folder: Path, like: Path, dims: Dict[str, int], seed: int = SYNTHETIC_SEED) -> None:
+    """The split files of the dataset folder `like`, in any layout (linked), with generated features, written
+    whole or not at all."""
+    from DataHandler import load_data
+
+    like = Path(like)
+    n_items = load_data(like.name, like.parent, needs_features=False).n_items
     with staged_folder(folder, then="run the same command again") as staging:
-        for name in ("trnMat.pkl", "valMat.pkl", "tstMat.pkl"):
-            (staging / name).symlink_to((like / name).resolve())
+        for name, path in split_files(like, Path(folder).name).items():
+            (staging / name).symlink_to(path.resolve())
         write_random_features(staging, n_items, dims, seed)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -21,7 +22,8 @@ import recommend
 from Models.base import RecModel
 from Params import parse_args
 from Utils import run_folder
-from Utils.helpers import UsageError, deferred_interrupt
+from Utils.cli import deferred_interrupt
+from Utils.errors import UsageError
 
 from conftest import NaNModel, hand_made, tiny_args, write_dataset
 
@@ -335,6 +337,38 @@ def test_deferred_interrupt_lets_the_block_finish_first():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("written")
     assert done == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_configuration_from_before_a_flag_gets_the_value_the_run_had():
+    old = {"model": "mmssl", "data": "tiny", "data_dir": "D", "lr": 0.01}
+    upgraded = run_folder.upgrade_config(old)
+    assert list(upgraded)[:4] == list(old) and old == {"model": "mmssl", "data": "tiny", "data_dir": "D", "lr": 0.01}
+    assert upgraded["eval_users"] == "all" and upgraded["threads"] == "auto" and upgraded["gen_pairing"] == "own"
+    assert "gen_pairing" not in run_folder.upgrade_config({**old, "model": "mf"})
+    current = {**old, **run_folder.ADDED_FLAGS, "gen_pairing": "authors", "threads": "2"}
+    assert run_folder.upgrade_config(current) == current and list(run_folder.upgrade_config(current)) == list(current)
+
+
+def test_a_run_saved_before_the_newer_flags_loads_and_scores_as_it_ran(mf_run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(mf_run, old)
+    state = torch.load(old / "best_model.pt", weights_only=True)
+    state["config"] = {k: v for k, v in state["config"].items() if k not in run_folder.ADDED_FLAGS}
+    torch.save(state, old / "best_model.pt")
+    run = api.load(old, device="cpu")
+    assert run.args.eval_users == "all" and run.args.threads == "auto"
+    assert run.evaluate() == api.load(mf_run, device="cpu").evaluate()
+
+
+def test_summary_accessors_read_what_main_writes(mf_run):
+    summary = run_folder.read_summary(mf_run)
+    validation = run_folder.protocol_result(summary, "validation")
+    assert validation["epoch"] == run_folder.best_epoch(summary, "validation")
+    assert run_folder.protocol_metrics(summary, "validation", "val") == validation["val"]
+    assert run_folder.protocol_metrics(summary, "paper") == run_folder.protocol_result(summary, "paper")["test"]
+    assert run_folder.run_config(summary)["model"] == "mf" and run_folder.run_data(summary)["name"] == "tiny"
+    assert run_folder.epochs_run(summary) == len(run_folder.epoch_seconds(summary)) == 3
+    assert run_folder.pruned_reason(summary) is None and run_folder.run_machine(summary)["threads"] >= 1
 
 
 def test_reading_a_missing_file_of_a_run_folder_is_one_sentence(tmp_path):

@@ -6,11 +6,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from DataHandler import Data, sample_negatives
+from DataHandler import Data
 from Models.lightgcn import LightGCN
 from Models.mf import MF
 from Models.vbpr import VBPR
 from Params import parse_args
+from Utils.batches import sample_negatives
 from Utils.graphs import symmetric_graph
 from Utils.layers import emb_loss
 
@@ -130,7 +131,7 @@ def test_mmrec_negatives_come_from_items_that_occur_in_train():
 
 
 def test_learning_rate_scheduler_multiplies_by_gamma_per_epoch():
-    from Utils.helpers import PhaseTimer
+    from Models.base import PhaseTimer
 
     data = toy_data()
     model = MF(args_for("mf", "--learning_rate_scheduler", "0.5,1", "--lr", "0.01"), data, CPU)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-import Main
+import inference
 from conftest import tiny_args
 from Params import parse_args
-from Utils.helpers import PhaseTimer
+from Models.base import PhaseTimer
 
 CPU = torch.device("cpu")
 
 
 def built(tiny_dir, tmp_path, *extra, seed="1"):
     args = parse_args(tiny_args(tiny_dir, tmp_path / "out", "--seed", seed, *extra))
-    return Main.build_model(args, Main.load_run_data(args, True), CPU)
+    return inference.build_model(args, inference.load_run_data(args, True), CPU)
 
 
 def scores(model) -> torch.Tensor:

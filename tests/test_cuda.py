@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 from pathlib import Path
@@ -21,15 +22,16 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+import inference
 import Main
-from conftest import SMALL_FLAGS, tiny_args
-from DataHandler import DeviceRows, device_batches, sample_negatives, train_pairs
+from conftest import small_flags, tiny_args
 from Models import get_model, model_names
 from Models.base import RecModel
 from Models.diffrec import StepHistory
 from Models.diffusion import Denoiser, GaussianDiffusion
 from Models.mdmns import full_nce, guide_features, guided_losses
 from Params import parse_args
+from Utils.batches import DeviceRows, device_batches, sample_negatives, train_pairs
 from Utils.kernels import LogSumExpLogits
 from Utils.layers import Graph, info_nce, to_torch_csr
 from Utils.metrics import evaluate
@@ -97,7 +99,7 @@ def test_every_model_trains_two_epochs_on_cuda_and_its_checkpoint_scores_the_sam
     assert summary["device"].startswith("cuda"), summary["device"]
     assert summary["epochs_run"] == 2
     assert_finite_losses(out, model)
-    args, data, reloaded = Main.load_trained(out, device="cuda")
+    args, data, reloaded = inference.load_trained(out, device="cuda")
     assert reloaded.device.type == "cuda"
     with torch.no_grad():
         metrics = evaluate(reloaded.scorer(), data.train, data.test, args.topks, args.tstBat, reloaded.device)
@@ -289,7 +291,7 @@ def test_batch_pieces_are_built_on_cuda_without_a_sync_and_match_the_cpu():
 # the parameters and the inputs: lr 0 (an optimiser step changes nothing), no dropout where eval mode does not
 # switch it off (BM3's targets), LGMRec's hyperedges without Gumbel noise at evaluation, the full generated graphs
 # at DiffMM's and MDMNS's evaluation, MDMNS's persistent guidance modules (not a new random one per call).
-COMPARE_FLAGS = SMALL_FLAGS   # every model at small sizes (conftest)
+compare_flags = small_flags   # every model at small sizes (conftest: its SMALL_FLAGS line, else its defaults)
 BATCH = 48   # user rows of the row-wise probes (DiffRec, the denoisers, MMSSL)
 
 
@@ -345,7 +347,7 @@ def probe_inputs(model: RecModel) -> Inputs:
 def pairwise_loss(model: RecModel, inputs: Inputs) -> Terms:
     """MMRec's models: `batch_loss` of one batch of (user, positive, negative)."""
     users, positives, negatives = (inputs[k].to(model.device) for k in ("users", "positives", "negatives"))
-    return model.batch_loss(users, positives, negatives if model.uses_negatives else None)
+    return model.batch_loss(users, positives, negatives if getattr(model, "uses_negatives", True) else None)
 
 
 def diffrec_loss(model: RecModel, inputs: Inputs) -> Terms:
@@ -403,25 +405,35 @@ def mmssl_losses(model: RecModel, inputs: Inputs) -> Terms:
 Align = Optional[Callable[[RecModel, RecModel], None]]
 Probe = Optional[Callable[[RecModel, Inputs], Terms]]
 # per model: what the second model takes from the first besides the parameters, and how its loss is probed
-# (Popularity has no loss: its scores only)
+# (Popularity has no loss: its scores only); a model missing here gets `probes_of`'s default
 PROBES: Dict[str, Tuple[Align, Probe]] = {
     "diffmm": (share_generated_graphs, diffmm_losses),
     "mdmns": (share_generated_graphs, diffmm_losses),
-    "mf": (None, pairwise_loss),
-    "lightgcn": (None, pairwise_loss),
-    "vbpr": (None, pairwise_loss),
     "lattice": (share_knn_columns, pairwise_loss),
     "freedom": (share_item_graph, pairwise_loss),
-    "bm3": (None, pairwise_loss),
-    "lgmrec": (None, pairwise_loss),
     "diffrec": (None, diffrec_loss),
     "mmssl": (None, mmssl_losses),
-    "ngcf": (None, pairwise_loss),
-    "sgl": (None, lambda m, x: m.batch_loss(x["users"], x["positives"], x["negatives"])),
-    "ncl": (None, pairwise_loss),
-    "hccf": (None, pairwise_loss),
     "pop": (None, None),
 }
+
+
+def has_pairwise_batch_loss(model_class: type) -> bool:
+    """Whether the class has MMRec's `batch_loss(users, positives, negatives, ...)` (PairwiseModel's, NGCF's...)."""
+    loss = getattr(model_class, "batch_loss", None)
+    if loss is None:
+        return False
+    names = list(inspect.signature(loss).parameters)[1:4]   # after self
+    return names == ["users", "positives", "negatives"]
+
+
+def probes_of(model: str) -> Tuple[Align, Probe]:
+    """The model's PROBES line, else (None, pairwise_loss) for a model with a pairwise `batch_loss`; a model with
+    neither fails here, naming what to add."""
+    if model in PROBES:
+        return PROBES[model]
+    assert has_pairwise_batch_loss(get_model(model)), \
+        f"{model} has no batch_loss(users, positives, negatives): add its line to PROBES (tests/test_cuda.py)"
+    return None, pairwise_loss
 
 
 def twin_models(gen_dir: Path, model: str, first_device: torch.device, second_device: torch.device
@@ -429,14 +441,14 @@ def twin_models(gen_dir: Path, model: str, first_device: torch.device, second_de
     """The model built on `first_device` with the run's seed, and the same model built on `second_device` with the
     first's parameters and buffers loaded, then aligned (`PROBES`), both in eval mode."""
     args: argparse.Namespace = parse_args(["--data", "gen", "--data_dir", str(gen_dir), "--model", model, "--quiet",
-                                           "--lr", "0", *COMPARE_FLAGS[model]])
+                                           "--lr", "0", *compare_flags(model)])
     model_class = get_model(model)
-    data = Main.load_run_data(args, model_class.needs_features)
+    data = inference.load_run_data(args, model_class.needs_features)
     assert model_class.check(args, data) is None
-    first = Main.build_model(args, data, first_device)
-    second = Main.build_model(args, data, second_device)
+    first = inference.build_model(args, data, first_device)
+    second = inference.build_model(args, data, second_device)
     second.load_state_dict(first.state_dict())
-    align = PROBES[model][0]
+    align = probes_of(model)[0]
     if align is not None:
         align(first, second)
     return first.eval(), second.eval()
@@ -464,7 +476,7 @@ def compare_devices(gen_dir: Path, model: str, first_device: torch.device, secon
         want, got = (m.scorer()(users.to(m.device)) for m in (first, second))
     assert got.device.type == second_device.type
     assert_same(got, want, f"{model} scores")
-    probe = PROBES[model][1]
+    probe = probes_of(model)[1]
     if probe is None:
         return
     inputs = probe_inputs(first)
@@ -491,5 +503,6 @@ CHEAP: Sequence[str] = ("mf", "diffmm")
 def test_the_device_comparison_itself_with_two_cpu_models(gen_dir, model):
     """Not a CUDA test: the comparison above with both models on the CPU (equal numbers), so that its helpers run
     on every machine; every registered model has its configuration and probe."""
-    assert set(COMPARE_FLAGS) == set(PROBES) == set(model_names())
+    assert set(PROBES) <= set(model_names())
+    assert all(probes_of(m) for m in model_names())   # every registered model has a probe (its line or the default)
     compare_devices(gen_dir, model, CPU, CPU)

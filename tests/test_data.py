@@ -10,10 +10,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import Main
+import inference
 from conftest import SHARED, hand_made, require_shared, write_dataset
-from DataHandler import DataError, feature_files, load_data, load_matrix, sample_negatives, train_pairs
+from DataHandler import DataError, feature_files, load_data, load_matrix
 from Params import parse_args
+from Utils.batches import sample_negatives, train_pairs
 from Utils.graphs import drop_edges, normalized_graph
 
 CPU = torch.device("cpu")
@@ -214,7 +215,7 @@ def _trainer(tiny_dir, *extra):
     args = parse_args(["--data", "tiny", "--data_dir", str(tiny_dir), "--dims", "[16]", "--latdim", "8",
                        "--batch", "7", *extra])
     data = load_data("tiny", tiny_dir)
-    return Main.build_model(args, data, CPU), data
+    return inference.build_model(args, data, CPU), data
 
 
 def ref_denoise(den, x, T=5, s=0.1, gmin=1e-4, gmax=0.02):
@@ -321,7 +322,7 @@ def device_rows_cases():
 
 @pytest.mark.parametrize("case", range(4))
 def test_device_rows_are_the_scipy_rows_dense_and_csr(case):
-    from DataHandler import DeviceRows, dense_rows
+    from Utils.batches import DeviceRows, dense_rows
     from Utils.layers import to_torch_csr
 
     matrix = device_rows_cases()[case]
@@ -344,7 +345,7 @@ def test_device_rows_are_the_scipy_rows_dense_and_csr(case):
 
 
 def test_device_batches_are_the_batches_in_one_copy():
-    from DataHandler import device_batches, user_batches
+    from Utils.batches import device_batches, user_batches
 
     torch.manual_seed(0)
     batches = user_batches(23, 5, True)

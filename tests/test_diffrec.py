@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import inference
 import Main
 import Models
 from Params import parse_args
@@ -39,8 +40,8 @@ def build(data_dir, *extra):
     argv = ["--model", "diffrec", "--data", "tiny", "--data_dir", str(data_dir), "--dims", "[8]", "--steps", str(T),
             "--batch", "4", "--quiet", *extra]
     args = parse_args(argv)
-    data = Main.load_run_data(args, needs_features=False)
-    return args, data, Main.build_model(args, data, CPU)
+    data = inference.load_run_data(args, needs_features=False)
+    return args, data, inference.build_model(args, data, CPU)
 
 
 def reference_schedule(scale: float, low: float, high: float, steps: int):
@@ -231,7 +232,7 @@ def test_scores_are_the_reverse_chain_from_the_train_rows(data_dir, extra):
 
 
 def test_resume_state_round_trips_the_history(data_dir):
-    from Utils.helpers import PhaseTimer
+    from Models.base import PhaseTimer
 
     _, _, model = build(data_dir)
     for epoch in range(3):
@@ -270,7 +271,9 @@ def test_check_gives_one_sentence_for_impossible_configs(data_dir, tmp_path):
         assert ". " not in problem and f"--{name}" in problem, (name, problem)     # one sentence naming the flag
     argv = ["--model", "diffrec", "--data", "tiny", "--data_dir", str(data_dir), "--noise_min", "0.05", "--quiet",
             "--out_dir", str(tmp_path / "bad")]
-    assert Main.main(argv) == 2
+    with pytest.raises(SystemExit) as refused:   # needs no data: refused when the command line is parsed
+        Main.main(argv)
+    assert refused.value.code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_trains_through_main_and_beats_popularity(tmp_path):

@@ -435,7 +435,7 @@ def test_hidden_space_reverse_process_gives_the_direct_rows_and_top_k(dims, step
 
 
 def test_the_hidden_reverse_process_is_used_only_where_exact(tiny_dir):
-    import Main
+    import inference
     from DataHandler import load_data
     from Params import parse_args
 
@@ -443,7 +443,7 @@ def test_the_hidden_reverse_process_is_used_only_where_exact(tiny_dir):
     for extra, expected in (((), True), (("--norm", "true"), False), (("--sampling_noise", "true"), False),
                             (("--reverse", "direct"), False)):
         args = parse_args(["--data", "tiny", "--data_dir", str(tiny_dir), "--dims", "[16]", *extra])
-        assert Main.build_model(args, data, torch.device("cpu")).hidden_reverse is expected, extra
+        assert inference.build_model(args, data, torch.device("cpu")).hidden_reverse is expected, extra
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,7 +471,7 @@ def test_reverse_scorer_runs_the_chosen_chain_on_the_users_rows():
 
     import scipy.sparse as sp
 
-    from DataHandler import DeviceRows
+    from Utils.batches import DeviceRows
     from Models.diffusion import reverse_scorer
 
     torch.manual_seed(3)

@@ -93,7 +93,14 @@ def _links(text: str):
     return re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
 
 
-PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
+def _anchors(path) -> set:
+    """GitHub's heading anchors of a Markdown page: lower case, punctuation but - and _ dropped, spaces to -."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+\s+(.*)$", path.read_text(encoding="utf-8"), re.M)}
+
+
+PAGES = ["README.md", "figures/README.md", "Datasets/README.md",
+         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -105,4 +112,33 @@ def test_docs_link_to_files_that_exist_and_nothing_outside(page):
             continue
         assert (path.parent / link).resolve().exists(), f"{page} links to {link}, which does not exist"
         assert ROOT in (path.parent / link).resolve().parents, f"{page} links outside the repository: {link}"
+    for link, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+        target = (path.parent / link).resolve() if link else path
+        if target.suffix == ".md":
+            assert anchor in _anchors(target), f"{page} links to {link}#{anchor}, a heading that does not exist"
     assert "/work/" not in text and "SPEC" not in text and "shared/SPEC" not in text, f"{page} points outside"
+
+
+def _bounds(lines) -> dict:
+    """{package: version bounds} of requirement lines (comments and blank lines skipped)."""
+    out = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name = re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower()
+            out[name] = line[len(name):].replace(" ", "")
+    return out
+
+
+def test_requirement_files_give_pyproject_bounds():
+    """requirements.txt, requirements-dev.txt and requirements-encoders.txt state exactly pyproject.toml's
+    dependencies, `test` extra and `encoders` extra."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    for file, wanted in (("requirements.txt", project["dependencies"]), ("requirements-dev.txt", extras["test"]),
+                         ("requirements-encoders.txt", extras["encoders"])):
+        assert _bounds((ROOT / file).read_text(encoding="utf-8").splitlines()) == _bounds(wanted), file

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import Main
+import inference
 from Params import parse_args
 from Utils.metrics import dot_scorer, evaluate, evaluated_users, per_user_metrics
 
@@ -78,8 +78,8 @@ def test_harness_flag_default_and_evaluation(tmp_path):
     counts = {}
     for rule in ("all", "mmrec"):
         args = parse_args(tiny_args(data_dir, tmp_path / "runs", "--model", "pop", "--eval_users", rule))
-        data = Main.load_run_data(args, needs_features=False)
-        out = Main.evaluate_model(Main.build_model(args, data, CPU), data, args)
+        data = inference.load_run_data(args, needs_features=False)
+        out = inference.evaluate_model(inference.build_model(args, data, CPU), data, args)
         assert out["test_per_user"]["users"].tolist() == counted(train, test, rule)
         assert sum(group["users"] for group in out["groups"].values()) == len(counted(train, test, rule))
         counts[rule] = len(out["test_per_user"]["users"])

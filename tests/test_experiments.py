@@ -11,9 +11,10 @@ import torch
 
 import scipy.sparse as sp
 
+import inference
 import Main
 import Model
-from DataHandler import dense_rows, load_data, sample_negatives, train_pairs
+from DataHandler import load_data
 from Experiments import reproduce, sweep
 from Experiments.plan import GridPlan, Sweep, named_grid, parse_grid
 from Experiments.runs import Options, run_plan
@@ -21,6 +22,7 @@ from Model import VGAE
 from Models.diffusion import Denoiser
 from Params import parse_args
 from Utils import figures
+from Utils.batches import dense_rows, sample_negatives, train_pairs
 from Utils.layers import Graph
 from Utils.metrics import evaluated_users
 from conftest import hand_made, tiny_args, write_dataset
@@ -43,7 +45,7 @@ def data_dir(tmp_path_factory):
 def trainer(data_dir, *extra, data="tiny"):
     args = parse_args(["--data", data, "--data_dir", str(data_dir), "--dims", "[16]", "--latdim", "8",
                        "--batch", "7", *extra])
-    return Main.build_model(args, load_data(data, data_dir), CPU)
+    return inference.build_model(args, load_data(data, data_dir), CPU)
 
 
 def one_epoch_inputs(tr):
@@ -206,7 +208,7 @@ def test_fusion_ratio_half_mixes_per_user(data_dir):
 def test_groups_partition_the_evaluated_users(data_dir):
     tr = trainer(data_dir, "--groups", "0,3,4")
     tr.graphs = tr.rebuild_graphs()
-    result = Main.evaluate_model(tr, tr.data, tr.args)
+    result = inference.evaluate_model(tr, tr.data, tr.args)
     groups = result["groups"]
     assert list(groups) == ["0-3", "3-4", "4+"]
     n_eval = len(evaluated_users(tr.data.test))

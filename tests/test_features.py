@@ -334,6 +334,26 @@ def test_torchvision_penultimate_layer_with_random_weights(world):
     np.testing.assert_allclose(feats[row].astype(np.float32), alone, rtol=1e-2, atol=1e-2)
 
 
+def test_the_default_image_model_needs_no_torchvision(world, monkeypatch, capsys):
+    """The default goes through transformers (installed by requirements-encoders.txt), never torchvision: with
+    torchvision made unimportable it passes the dependency check and either encodes (a cached copy of the model) or,
+    offline as here, says in one sentence that the Hugging Face model could not be loaded."""
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import now raises ImportError
+    assert encoders.is_hf_image_model(encoders.DEFAULT_IMAGE_MODEL)
+    encoders.check_dependencies(True, encoders.DEFAULT_IMAGE_MODEL)
+    folder = fresh(world, "default_image")
+    args = image_args(world, "default_image")
+    del args[args.index("--image_model"):args.index("--image_model") + 2]
+    code = prepare.main(args)
+    if code == 0:
+        assert np.load(folder / "image_feat.npy").shape == (N_ITEMS, 2048)
+    else:
+        assert code == 2
+        message = one_sentence_error(capsys)
+        assert "could not load or download the Hugging Face image model 'microsoft/resnet-50'" in message
+        assert "torchvision" not in message
+
+
 def test_unknown_torchvision_architecture_or_no_torchvision_is_one_sentence(world, capsys):
     fresh(world, "tvbad")
     assert prepare.main(image_args(world, "tvbad", "--image_model", "resnet_imaginary")) == 2

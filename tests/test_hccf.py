@@ -16,7 +16,7 @@ import Main
 from DataHandler import Data
 from Models.hccf import HCCF, contrast, hyper_propagate
 from Params import parse_args
-from Utils.helpers import PhaseTimer
+from Models.base import PhaseTimer
 from conftest import assert_resumes_exactly, write_dataset
 
 CPU = torch.device("cpu")

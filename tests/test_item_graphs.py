@@ -15,7 +15,7 @@ from DataHandler import Data
 from Models.freedom import FREEDOM, modality_weights
 from Models.lattice import LATTICE
 from Params import parse_args
-from Utils.helpers import PhaseTimer
+from Models.base import PhaseTimer
 from Utils.graphs import coalesce, coo_to_csr, cosine_topk, knn_coo, row_normalized_graph, symnorm
 
 from conftest import assert_resumes_exactly
@@ -58,9 +58,9 @@ def toy_data(n_users=14, n_items=12, seed=0, modalities=("image", "text")) -> Da
     return Data("toy", sp.csr_matrix(train), empty, empty, features)
 
 
-def args_for(model, *extra):
-    return parse_args(["--model", model, "--quiet", "--embedding_size", "8", "--feat_embed_dim", "8", "--knn_k", "3",
-                       *extra])
+def args_for(model, *extra, parse=parse_args):
+    return parse(["--model", model, "--quiet", "--embedding_size", "8", "--feat_embed_dim", "8", "--knn_k", "3",
+                  *extra])
 
 
 @pytest.fixture
@@ -394,22 +394,30 @@ def test_freedom_trains_on_the_pruned_graph_and_evaluates_on_the_full_one():
 # both
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model,extra,word", [
-    ("lattice", ("--knn_k", "0"), "--knn_k"),
-    ("lattice", ("--knn_k", "12"), "--knn_k"),
-    ("freedom", ("--knn_k", "12"), "--knn_k"),
-    ("freedom", ("--mm_weights", "0.2,0.3,0.5"), "--mm_weights"),
-    ("freedom", ("--mm_weights", "0.2,0.3"), "--mm_weights"),
-    ("freedom", ("--feat_embed_dim", "4"), "--feat_embed_dim"),
-    ("freedom", ("--dropout", "1.0"), "--dropout"),
-    ("freedom", ("--mm_image_weight", "1.5"), "--mm_image_weight"),
+@pytest.mark.parametrize("model,extra,word,needs_data", [
+    ("lattice", ("--knn_k", "0"), "--knn_k", False),
+    ("lattice", ("--knn_k", "12"), "--knn_k", True),
+    ("freedom", ("--knn_k", "12"), "--knn_k", True),
+    ("freedom", ("--mm_weights", "0.2,0.3,0.5"), "--mm_weights", True),
+    ("freedom", ("--mm_weights", "0.2,0.3"), "--mm_weights", False),
+    ("freedom", ("--feat_embed_dim", "4"), "--feat_embed_dim", False),
+    ("freedom", ("--dropout", "1.0"), "--dropout", False),
+    ("freedom", ("--mm_image_weight", "1.5"), "--mm_image_weight", False),
 ])
-def test_check_names_impossible_configurations_in_one_sentence(model, extra, word):
+def test_check_names_impossible_configurations_in_one_sentence(model, extra, word, needs_data):
+    from Params import build_parser
+
     data = toy_data()                                                    # 12 items, image + text
     cls = {"lattice": LATTICE, "freedom": FREEDOM}[model]
     assert cls.check(args_for(model), data) is None
-    problem = cls.check(args_for(model, *extra), data)
+    args = args_for(model, *extra, parse=build_parser(model).parse_args)   # not checked when parsed
+    problem = cls.check(args, data)
     assert isinstance(problem, str) and word in problem and "\n" not in problem and ". " not in problem
+    # a check that needs no data is check_flags', so the command line is refused when parsed (a sweep's grid too)
+    assert (cls.check_flags(args) is None) == needs_data
+    if not needs_data:
+        with pytest.raises(SystemExit):
+            args_for(model, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import inference
 import Main
 import Models
 from Models.mdmns import (MDMNS, GuidanceGCN, anchored_contrast, noise_fracs, full_nce, guide_features,
@@ -33,7 +34,7 @@ def registered(monkeypatch):
 def tiny_model(tiny_dir, tmp_path, *extra: str) -> MDMNS:
     args = parse_args(tiny_args(tiny_dir, tmp_path / "run", "--model", "mdmns", "--dims", "[16]", "--latdim", "8",
                                 *extra))
-    return Main.build_model(args, Main.load_run_data(args, True), CPU)
+    return inference.build_model(args, inference.load_run_data(args, True), CPU)
 
 
 def dense_nce(a: torch.Tensor, b: torch.Tensor, temp: float) -> torch.Tensor:
@@ -352,7 +353,7 @@ def test_clamped_guidance_saturates_the_denoisers_input_layer_on_tiktok_rows(reg
     require_shared("tiktok")
     args = parse_args(["--preset", "mdmns-tiktok", "--data_dir", str(SHARED), "--quiet",
                        "--out_dir", str(tmp_path / "run")])
-    model = Main.build_model(args, Main.load_run_data(args, True), CPU)
+    model = inference.build_model(args, inference.load_run_data(args, True), CPU)
     model.generators.train()
     with torch.no_grad():
         feats = model.recommender.modal_features()
@@ -413,7 +414,7 @@ def test_trains_beats_popularity_and_reloads_to_identical_scores(registered, tmp
     popularity = summary["baselines"]["popularity"]["test"]["Recall@20"]
     assert ours > popularity + 0.01, (ours, popularity)
     # the checkpoint (recommender + the epoch's evaluation graphs) scores exactly as at the best validation epoch
-    args, data, model = Main.load_trained(out)
+    args, data, model = inference.load_trained(out)
     with torch.no_grad():
         reloaded = evaluate(model.scorer(), data.train, data.test, [20], 256, CPU)
     assert reloaded == pytest.approx(summary["protocols"]["validation"]["test"], rel=1e-6)
@@ -421,7 +422,7 @@ def test_trains_beats_popularity_and_reloads_to_identical_scores(registered, tmp
 
 def test_check_gives_one_sentence_for_impossible_configurations(registered, tiny_dir, tmp_path):
     args = parse_args(tiny_args(tiny_dir, tmp_path, "--model", "mdmns"))
-    data = Main.load_run_data(args, True)
+    data = inference.load_run_data(args, True)
     assert MDMNS.check(args, data) is None
     for flag, value in (("guide_fused_hidden_dim", 0), ("keepRate", 0.0), ("temp", 0.0), ("sampling_steps", 9),
                         ("rebuild_k", 99)):

@@ -10,11 +10,13 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+import inference
 import Main
 import Models
 from DataHandler import Data
-from Params import parse_args
-from Utils.helpers import PhaseTimer, seed_everything
+from Params import build_parser, parse_args
+from Models.base import PhaseTimer
+from Utils.seeding import seed_everything
 from Utils.metrics import evaluate
 
 from conftest import assert_resumes_exactly, hand_made, tiny_args
@@ -666,8 +668,8 @@ def test_trains_beats_popularity_and_the_checkpoint_reloads_identically(gen_dir,
     from evaluate import evaluate_run
     assert evaluate_run(out, device="cpu")["identical"]                 # evaluate.py's reload
     args = parse_args(argv)
-    data = Main.load_run_data(args, needs_features=True)
-    fresh = Main.build_model(args, data, CPU)
+    data = inference.load_run_data(args, needs_features=True)
+    fresh = inference.build_model(args, data, CPU)
     fresh.load_checkpoint_state(state)
     fresh.eval()
     with torch.no_grad():
@@ -702,8 +704,12 @@ def test_impossible_configurations_are_one_sentence(tmp_path):
                           (["--T", "0"], "--T must be at least 1"),
                           (["--tau", "0"], "--tau must be positive"),
                           (["--G_drop1", "1.0"], "--G_drop1 is a dropout rate")]:
-        problem = MMSSL.check(parse_args(["--model", "mmssl", "--embed_size", "8", *flags]), data)
+        bad = build_parser("mmssl").parse_args(["--model", "mmssl", "--embed_size", "8", *flags])
+        problem = MMSSL.check(bad, data)
         assert phrase in problem and problem.count(". ") == 0 and "\n" not in problem
+        assert MMSSL.check_flags(bad) == problem   # needs no data: refused when the command line is parsed
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "mmssl", "--embed_size", "8", *flags])
     assert MMSSL.check(args, data) is None
     small = Data("small", *(sp.csr_matrix(np.eye(5, 6, dtype=np.float32)) for _ in range(3)),
                  features={"image": np.ones((6, 2), np.float32)})

@@ -14,7 +14,7 @@ import Main
 from DataHandler import Data
 from Models.ncl import NCL, SPLIT_EPS, _split_empty_clusters, kmeans, nearest_centroid
 from Params import parse_args
-from Utils.helpers import PhaseTimer
+from Models.base import PhaseTimer
 
 from conftest import assert_resumes_exactly
 

@@ -120,3 +120,27 @@ def test_unknown_preset_or_a_preset_of_another_model_is_one_sentence(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--preset", "diffmm-baby", "--model", "mf"])
     assert exit_.value.code == 2 and "--preset diffmm-baby is diffmm's published command" in capsys.readouterr().err
+
+
+# one flag of a command line, without parsing the rest (Utils/cli.py): the one place every module scans an argv
+@pytest.mark.parametrize("argv, value", [([], None), (["--model", "mf"], "mf"), (["--model=mf"], "mf"),
+                                         (["--lr", "0.1", "--model", "mf", "--model", "vbpr"], "vbpr"),
+                                         (["--models", "mf"], None), (["--data", "x", "--modelx=mf"], None)])
+def test_flag_value_reads_one_flag_as_argparse_does(argv, value):
+    from Utils.cli import flag_value, has_flag
+
+    assert flag_value(argv, "--model") == value
+    assert flag_value(argv, "--model", "diffmm") == (value or "diffmm")
+    assert has_flag(argv, "--model") == (value is not None)
+
+
+def test_given_flags_and_without_flags():
+    from Utils.cli import given_flags, without_flags
+
+    argv = ["--lr=0.1", "--quiet", "--seed", "3", "--device", "cpu", "--quiet", "--data", "x", "--threads=2"]
+    assert given_flags(argv) == ["--lr", "--quiet", "--seed", "--device", "--quiet", "--data", "--threads"]
+    assert without_flags(argv, ("--device", "--threads")) == ["--lr=0.1", "--quiet", "--seed", "3", "--quiet",
+                                                              "--data", "x"]
+    # a flag whose value is optional takes the next token only when it is not a flag
+    assert without_flags(["--quiet", "--seed", "3", "--quiet", "true", "--data", "x", "--quiet"], ("--quiet",),
+                         standalone=("--quiet",)) == ["--seed", "3", "--data", "x"]

@@ -5,19 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-import Main
+import inference
 from Models import get_model, model_names
 from Params import parse_args
 from Utils import kernels
-from Utils.helpers import PhaseTimer
+from Models.base import PhaseTimer
 from conftest import tiny_args
 
 
 @pytest.mark.parametrize("name", model_names())
 def test_plain_kernels_reach_every_model(name, tiny_dir, tmp_path, monkeypatch):
     args = parse_args(tiny_args(tiny_dir, tmp_path, "--model", name, "--kernels", "plain", "--batch", "32"))
-    data = Main.load_run_data(args, get_model(name).needs_features)
-    model = Main.build_model(args, data, torch.device("cpu"))
+    data = inference.load_run_data(args, get_model(name).needs_features)
+    model = inference.build_model(args, data, torch.device("cpu"))
     calls = []
 
     def refuse(kernel):
@@ -41,7 +41,7 @@ def test_plain_kernels_reach_every_model(name, tiny_dir, tmp_path, monkeypatch):
 def test_the_fast_kernels_are_the_default(tiny_dir, tmp_path, monkeypatch):
     """The check above can fail: by default LightGCN's propagation goes through SparseMatmul."""
     args = parse_args(tiny_args(tiny_dir, tmp_path, "--model", "lightgcn", "--batch", "32"))
-    model = Main.build_model(args, Main.load_run_data(args, False), torch.device("cpu"))
+    model = inference.build_model(args, inference.load_run_data(args, False), torch.device("cpu"))
     calls = []
     original = kernels.SparseMatmul.apply
     monkeypatch.setattr(kernels.SparseMatmul, "apply", lambda *t: calls.append(1) or original(*t))

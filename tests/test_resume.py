@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+import inference
 import Main
 import Models
 import evaluate
 import recommend
-from Utils.helpers import UsageError, atomic_write_text
+from Utils.errors import UsageError
+from Utils.files import atomic_write_text
 
-from conftest import ROOT, SMALL_FLAGS, NaNModel, assert_resumes_exactly, tiny_args
+from conftest import ROOT, SMALL_FLAGS, NaNModel, assert_resumes_exactly, small_flags, tiny_args
 from Models import model_names
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")   # one thread: bit-for-bit repeatable runs
@@ -191,7 +193,7 @@ def test_recommend_writes_each_users_top_k_unseen_items(tiny_dir, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["user"], r["rank"]) for r in rows] == [(u, str(k)) for u in ("3", "0") for k in range(1, 5)]
     # the reference: the reloaded model's scores, train items excluded, best first
-    args, data, model = Main.load_trained(out)
+    args, data, model = inference.load_trained(out)
     with torch.no_grad():
         scores = (model.user_emb @ model.item_emb.T).numpy()
     for user in (3, 0):
@@ -231,9 +233,15 @@ def test_an_interrupted_sweep_resumes_its_unfinished_run(gen_dir, tmp_path):
 def test_every_model_resumes_exactly(tiny_dir, tmp_path, monkeypatch, model):
     """Each registered model, stopped in epoch 2 and resumed, writes the uninterrupted run's numbers: a new model
     whose optimiser, scheduler or generator is not found by RecModel.training_state fails here."""
-    assert_resumes_exactly(tiny_dir, tmp_path, monkeypatch, "--model", model, *SMALL_FLAGS[model], "--epoch", "3",
+    assert_resumes_exactly(tiny_dir, tmp_path, monkeypatch, "--model", model, *small_flags(model), "--epoch", "3",
                            "--tstEpoch", "1", "--patience", "0")
 
 
-def test_every_model_has_small_flags():
-    assert set(SMALL_FLAGS) == set(model_names())
+def test_small_flags_name_registered_models_and_parse():
+    """A model without a SMALL_FLAGS line runs at its defaults; a line left for a model no longer registered, or one
+    its parser refuses, fails here."""
+    from Params import parse_args
+
+    assert set(SMALL_FLAGS) <= set(model_names())
+    for model in model_names():
+        assert parse_args(["--model", model, *small_flags(model)]).model == model

@@ -173,7 +173,7 @@ def test_bf16_warns_only_where_measured_slower_than_fp32(tiny3, tmp_path, capsys
 
 
 def test_bf16_speedup_is_a_positive_ratio():
-    from Utils.helpers import bf16_speedup
+    from Utils.device import bf16_speedup
     assert bf16_speedup(size=64, repeats=1) > 0
 
 

@@ -14,7 +14,7 @@ from Experiments import study, sweep, workers
 from Experiments.plan import GridPlan, Sweep
 from Experiments.storage import STORAGE_ENV, StorageSpec, mask_url, open_storage, parse_storage
 from Experiments.study import add_worker_args, launch, worker_argv, worker_env
-from Utils.helpers import UsageError
+from Utils.errors import UsageError
 
 optuna = pytest.importorskip("optuna")
 

@@ -12,12 +12,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import inference
 import Main
 from DataHandler import Data
 from Models.sgl import (SGL, aug_type, edge_dropout, host_distinct, node_dropout, propagate_views, ssl_loss,
                         user_first_sample)
 from Params import build_parser, parse_args
-from Utils.helpers import PhaseTimer
+from Models.base import PhaseTimer
 from conftest import assert_resumes_exactly, tiny_args
 
 CPU = torch.device("cpu")
@@ -289,7 +290,7 @@ def test_plain_kernels_give_the_same_losses(tiny_dir, tmp_path):
     for kernels in ("fast", "plain"):
         args = parse_args(tiny_args(tiny_dir, tmp_path, "--model", "sgl", "--kernels", kernels, "--batch", "32"))
         torch.manual_seed(0)
-        model = Main.build_model(args, Main.load_run_data(args, False), CPU)
+        model = inference.build_model(args, inference.load_run_data(args, False), CPU)
         losses[kernels] = [model.train_epoch(epoch, PhaseTimer(CPU))["loss"] for epoch in range(2)]
     for fast, plain in zip(losses["fast"], losses["plain"]):
         assert fast == pytest.approx(plain, rel=1e-5)

@@ -19,7 +19,8 @@ import api
 import evaluate
 from Params import parse_args
 from Utils import run_folder
-from Utils.helpers import UsageError, atomic_write_text
+from Utils.errors import UsageError
+from Utils.files import atomic_write_text
 
 from conftest import tiny_args
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import inference
 import Main
 from conftest import ROOT, tiny_args
-from Utils.helpers import available_cpus, torch_default_threads
+from Utils.device import available_cpus, torch_default_threads
 
 ENTRY_POINTS = ["Main.py", "evaluate.py", "recommend.py", "Experiments/sweep.py", "Experiments/reproduce.py",
                 "Experiments/benchmark.py", "tests/conftest.py"]
@@ -119,6 +120,7 @@ def test_ctrl_c_in_a_run_stops_the_whole_test_session(tmp_path, tiny_dir):
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import Main
+        import inference
 
         def test_a_run_interrupted(monkeypatch):
             def interrupted(*args, **kwargs):
@@ -181,7 +183,7 @@ def test_the_model_uses_the_chosen_path_and_hidden_is_refused_where_not_exact(ti
                         "forced": ["--steps", "1", "--reverse", "hidden"],
                         "direct": ["--steps", "40", "--reverse", "direct"]}.items():
         args = parse_args(tiny_args(tiny_dir, tmp_path / name, *extra))
-        built[name] = Main.build_model(args, data, torch.device("cpu")).hidden_reverse
+        built[name] = inference.build_model(args, data, torch.device("cpu")).hidden_reverse
     assert built == {"one_step": False, "many_steps": True, "forced": True, "direct": False}
     with pytest.raises(SystemExit) as stopped:   # refused when the command line is parsed (DiffMM.check_flags)
         Main.main(tiny_args(tiny_dir, tmp_path / "bad", "--reverse", "hidden", "--norm", "true"))
@@ -197,7 +199,7 @@ def test_diffrec_auto_follows_its_evaluation_batch(tiny_dir, tmp_path):
     for steps in ("1", "40"):
         args = parse_args(tiny_args(tiny_dir, tmp_path / steps, "--model", "diffrec", "--dims", "[16]", "--steps",
                                     steps))
-        chosen[steps] = Main.build_model(args, data, torch.device("cpu")).hidden_reverse
+        chosen[steps] = inference.build_model(args, data, torch.device("cpu")).hidden_reverse
     assert chosen == {"1": False, "40": True}
 
 
@@ -223,7 +225,7 @@ def test_device_cuda_without_a_gpu_is_one_sentence(tiny_dir, tmp_path, capsys):
 
 
 def test_tf32_leaves_torchs_settings_as_it_found_them():
-    from Utils.helpers import matmul_precision
+    from Utils.device import matmul_precision
 
     if not torch.cuda.is_available():  # the CPU side: refused, and nothing changed
         before = torch.backends.cuda.matmul.allow_tf32

@@ -246,6 +246,30 @@ def test_tex_cells_equal_the_csv_everywhere(table):
     assert published["Improv."][0] == f"{(0.1129 - 0.0957) / 0.0957 * 100:+.2f}\\%"
 
 
+def test_merge_writes_one_tex_over_datasets_from_their_folders(table, tmp_path):
+    """`reproduce --table 2 --merge A,B`: comparison.csv read back gives write_table2's comparison.tex exactly, and
+    the merged table holds each dataset's columns as that dataset's own table has them."""
+    from Experiments import reproduce
+    root, _, _ = table
+    rows = tables.read_table2_csv(root / "comparison.csv")
+    assert tables.table2_tex({"tiktok": rows}, tables.table2_caption("tiktok", "a hand-made note", rows)) == (
+        root / "comparison.tex").read_text()
+    baby = tmp_path / "baby"
+    results = {model: {"setting": "default", "runs": [write_run(baby / model / "base" / f"seed{s}", model, i)
+                                                       for i, s in enumerate(SEEDS)]} for model in ("diffmm", "mf")}
+    tables.write_table2("baby", "another note", results, baby)
+    assert reproduce.main(["--table", "2", "--merge", f"{root},{baby}", "--sweep_dir", str(tmp_path / "m")]) == 0
+    merged = (tmp_path / "m" / "comparison.tex").read_text()
+    assert "TikTok" in merged and "Amazon-Baby" in merged and "a hand-made note another note" in merged
+    one, both = tex_blocks((root / "comparison.tex").read_text()), tex_blocks(merged)
+    for title, block in one.items():
+        for label, cells in block.items():
+            if label in ("MF-BPR", "DiffMM", "LightGCN"):
+                assert both[title][label][:3] == cells, (title, label)
+        assert both[title]["LightGCN"][3:] == ["--"] * 3                     # not run on baby
+    assert both["Published"]["DiffMM"][3] == "\\textbf{0.0975}"              # DiffMM's published Baby Recall@20
+
+
 @pytest.mark.slow
 def test_comparison_tex_compiles_with_pdflatex(table, tmp_path):
     if shutil.which("pdflatex") is None:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import inference
 import Main
 import prepare
 import recommend
@@ -493,12 +494,12 @@ def test_a_generated_folder_holding_someone_elses_file_is_refused(tmp_path, synt
 
 
 def test_main_writes_the_generated_dataset_whole(tmp_path, synthetic_reference):
-    """Main.load_run_data on a folder cut short without trnMat.pkl (what it checks today) gets it whole."""
+    """inference.load_run_data on a folder cut short without trnMat.pkl (what it checks today) gets it whole."""
     folder = tmp_path / "synthetic"
     folder.mkdir()
     (folder / "text_feat.npy").write_bytes(synthetic_reference["text_feat.npy"][:50])
     args = Main.parse_args(["--model", "mf", "--data_dir", str(tmp_path)])
-    Main.load_run_data(args, needs_features=False, generate=True)
+    inference.load_run_data(args, needs_features=False, generate=True)
     assert contents(folder) == synthetic_reference
 
 

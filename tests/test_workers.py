@@ -29,7 +29,7 @@ from Experiments.plan import GridPlan, Range, Sweep, parse_search, run_argv
 from Experiments.storage import StorageSpec, open_storage, parse_storage, with_driver
 from Experiments.study import Worker, add_worker_args, make_study, run_flags_of, study_name, worker_argv
 from Params import parse_args
-from Utils.helpers import UsageError
+from Utils.errors import UsageError
 
 from conftest import ROOT, tiny_args
 
@@ -241,7 +241,7 @@ def test_storage_urls_ranges_and_each_workers_flags(tmp_path):
         with pytest.raises(UsageError):
             parse_search(bad)
     # each worker: its GPU, and its share of the CPUs unless --threads is given
-    from Utils.helpers import available_cpus
+    from Utils.device import available_cpus
     share = str(max(1, available_cpus() // 3))
     assert run_flags_of(2, 3, [], []) == ["--threads", share]
     assert run_flags_of(1, 2, [4, 6], ["--threads", "2"]) == ["--device", "cuda", "--gpu", "6"]

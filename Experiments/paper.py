@@ -51,7 +51,7 @@ def recorded_modalities(sweep_dir: Path) -> Optional[List[str]]:
     what Table 2 goes by when the tables are written from committed records without the dataset."""
     for path in sorted(Path(sweep_dir).rglob(run_folder.SUMMARY)):
         summary = run_folder.finished_summary(path.parent)
-        if summary and run_folder.run_data(summary).get("modalities"):
+        if summary and "modalities" in run_folder.run_data(summary):   # [] for an interaction-only dataset
             return list(run_folder.run_data(summary)["modalities"])
     return None
 

@@ -24,13 +24,13 @@ def test_the_committed_table_is_what_the_records_give(tmp_path, data):
     shutil.copytree(RESULTS / data, records)
     for name in ("comparison.md", "comparison.csv", "comparison.tex", "groups.png"):
         (records / name).unlink(missing_ok=True)
-    seeds_of = {}   # model -> the seeds of its finished runs; the table uses the seeds every model has
+    seeds_of = {}   # model -> the seeds of its finished runs
     for path in records.rglob("summary.json"):
         match = re.fullmatch(r"seed(\d+)", path.parent.name)
         if match:
             seeds_of.setdefault(path.relative_to(records).parts[0], set()).add(int(match.group(1)))
-    models = sorted(seeds_of)
-    seeds = sorted(set.intersection(*seeds_of.values()))
+    seeds = sorted(set.union(*seeds_of.values()))   # the models that have every seed (a model still running waits)
+    models = sorted(m for m, have in seeds_of.items() if have == set(seeds))
     code = reproduce.main(["--table", "2", "--data", data, "--data_dir", str(tmp_path / "no-data"),
                            "--models", ",".join(models), "--seeds", ",".join(map(str, seeds)),
                            "--sweep_dir", str(records)])

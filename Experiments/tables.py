@@ -256,6 +256,8 @@ def write_table2(data: str, note: str, results: Dict[str, object], sweep_dir: Pa
     from Utils.figures import model_group_bars
 
     rows = table2_rows(data, results)
+    order = {model: i for i, model in enumerate(table2_order([row["model"] for row in rows]))}
+    rows.sort(key=lambda row: order[row["model"]])   # the paper's column order, DiffMM last, whatever --models said
     notes = table2_stats(data, rows, {row["model"]: results[row["model"]]["runs"] for row in rows})
     skipped = [f"- {model}: {why}" for model, why in results.items() if isinstance(why, str)]
     text = table2_markdown(data, note, rows) + "\n".join(

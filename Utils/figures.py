@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from Utils import run_folder  # noqa: E402
+from Utils.metrics import mean_std  # noqa: E402
 
 ABLATION_LABELS = {"none": "DiffMM", "no_cl": "w/o CL", "no_msi": "w/o MSI", "no_dm": "w/o DM"}
 
@@ -111,10 +112,10 @@ def group_bars(run_dir: Path, out: Optional[Path] = None) -> Path:
     """Paper Figure 2: test Recall@K and NDCG@K per user group by number of train interactions."""
     run_dir = Path(run_dir)
     summary = run_folder.read_summary(run_dir)
-    groups = (summary.get("groups") or {}).get("per_group")
+    groups = run_folder.user_groups(summary).get("per_group")
     if not groups:
         raise ValueError(f"{run_dir / run_folder.SUMMARY} has no per-group metrics (a run from before --groups)")
-    k = summary["config"]["topk"]
+    k = run_folder.run_config(summary)["topk"]
     names = list(groups)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("Recall", "NDCG")):
@@ -125,7 +126,7 @@ def group_bars(run_dir: Path, out: Optional[Path] = None) -> Path:
                 ax.annotate(f"n={groups[g]['users']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
         _label_empty_groups(ax, [groups[g]["users"] for g in names], np.arange(len(names)))
-        ax.set(title=f"test {metric}@{k} (epoch {summary['groups']['epoch']})",
+        ax.set(title=f"test {metric}@{k} (epoch {run_folder.user_groups(summary)['epoch']})",
                xlabel="train interactions per user", ylabel=f"{metric}@{k}")
     fig.suptitle(f"{run_title(run_dir)}: performance by user group (paper Figure 2)")
     return _save(fig, out or run_dir / run_folder.GROUPS)
@@ -145,16 +146,17 @@ def ablation_bars(run_dirs: Sequence[Path], out: Path, protocol: str = "validati
     k = None
     for run_dir in run_dirs:
         summary = run_folder.read_summary(Path(run_dir))
-        k = summary["config"]["topk"]
-        label = ABLATION_LABELS.get(summary["config"].get("ablation", "none"), summary["config"].get("ablation"))
-        by_label.setdefault(label, []).append(summary["protocols"][protocol]["test"])
+        config = run_folder.run_config(summary)
+        k = config["topk"]
+        label = ABLATION_LABELS.get(config.get("ablation", "none"), config.get("ablation"))
+        by_label.setdefault(label, []).append(run_folder.protocol_metrics(summary, protocol))
     order = [v for v in ABLATION_LABELS.values() if v in by_label] + [v for v in by_label
                                                                        if v not in ABLATION_LABELS.values()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("Recall", "NDCG")):
         values = [[t[f"{metric}@{k}"] for t in by_label[label]] for label in order]
-        spread = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]  # sample std, as the sweep tables
-        ax.bar(order, [np.mean(v) for v in values], yerr=spread if max(spread) > 0 else None, capsize=4,
+        means, spread = zip(*(mean_std(v) for v in values))  # sample std, as the tables
+        ax.bar(order, means, yerr=spread if max(spread) > 0 else None, capsize=4,
                color=["tab:red" if label == "DiffMM" else "tab:gray" for label in order])
         ax.set(title=f"test {metric}@{k} ({protocol} protocol)", ylabel=f"{metric}@{k}")
     fig.suptitle("ablation (paper Table 3)")
@@ -168,26 +170,26 @@ def model_group_bars(runs: Dict[str, Path], out: Path) -> Path:
     protocol's epoch.
     """
     summaries = {label: run_folder.read_summary(Path(d)) for label, d in runs.items()}
-    summaries = {label: s for label, s in summaries.items() if (s.get("groups") or {}).get("per_group")}
+    summaries = {label: s for label, s in summaries.items() if run_folder.user_groups(s).get("per_group")}
     if not summaries:
         raise ValueError("none of the runs has per-group metrics")
     first = next(iter(summaries.values()))
-    k, names = first["config"]["topk"], list(first["groups"]["per_group"])
+    k, names = run_folder.run_config(first)["topk"], list(run_folder.user_groups(first)["per_group"])
     width = 0.8 / len(summaries)
     styles = model_styles(list(summaries))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, metric in zip(axes, ("Recall", "NDCG")):
         for j, (label, summary) in enumerate(summaries.items()):
-            groups = summary["groups"]["per_group"]
+            groups = run_folder.user_groups(summary)["per_group"]
             ax.bar(np.arange(len(names)) + j * width, [groups[g][f"{metric}@{k}"] or 0.0 for g in names], width,
                    label=label, linewidth=0.5, **styles[label])
-        users = [first["groups"]["per_group"][g]["users"] for g in names]
+        users = [run_folder.user_groups(first)["per_group"][g]["users"] for g in names]
         centres = np.arange(len(names)) + 0.4 - width / 2
         ax.set_xticks(centres, [f"{g}\n(n={n})" for g, n in zip(names, users)])
         _label_empty_groups(ax, users, centres)
         ax.set(title=f"test {metric}@{k} (validation protocol)", xlabel="train interactions per user",
                ylabel=f"{metric}@{k}")
-    fig.suptitle(f"{first['data']['name']}: performance by user group per model (paper Figure 2)")
+    fig.suptitle(f"{run_folder.run_data(first)['name']}: performance by user group per model (paper Figure 2)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(8, len(summaries)), fontsize=8,
                frameon=False)
     return _save(fig, out, rect=(0, 0.06 * (1 + (len(summaries) - 1) // 8), 1, 1))  # room for the legend below

@@ -300,6 +300,12 @@ def run_config(summary: dict) -> dict:
     return upgrade_config(summary["config"])
 
 
+def user_groups(summary: dict) -> dict:
+    """The per-user-group test metrics (paper Figure 2): {'epoch', 'edges', 'per_group': {'0-5': {...}, ...}};
+    {} for a run from before --groups."""
+    return summary.get("groups") or {}
+
+
 def run_data(summary: dict) -> dict:
     """What the run read: {'name', 'users', 'items', 'train', 'val', 'test', 'modalities'}."""
     return summary.get("data", {})
